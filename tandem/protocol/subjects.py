@@ -1,0 +1,90 @@
+"""Every NATS subject, stream and bucket name tandem uses, in one place.
+
+Namespace ``ns`` defaults to ``tandem``; several deployments can share one NATS server by using
+different namespaces. See ``DESIGN.md`` ("Subjects") for who publishes and who subscribes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "tandem"
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Subject names for one namespace.
+
+    Public (OpenAI-shaped JSON, request/reply):
+        ``chat_completions``, ``completions``, ``models``.
+    Internal (msgspec msgpack, see :mod:`tandem.protocol.messages`):
+        ``router_generate`` (RouteRequest, queue group ``router``),
+        ``indexer_overlap`` (OverlapQuery → OverlapScores, queue group ``indexer``),
+        ``worker_prefill(id)`` (PrefillRequest → PrefillResult),
+        ``worker_generate(id)`` (DecodeRequest; TokenChunk* to ``reply_to``),
+        ``cancel`` (Cancel, broadcast to router and all workers),
+        ``kv_events(id)`` (KvEventBatch, captured by JetStream stream ``kv_events_stream``).
+    """
+
+    ns: str = DEFAULT_NAMESPACE
+
+    # ---- public API -------------------------------------------------------------------------
+    @property
+    def chat_completions(self) -> str:
+        return f"{self.ns}.v1.chat.completions"
+
+    @property
+    def completions(self) -> str:
+        return f"{self.ns}.v1.completions"
+
+    @property
+    def models(self) -> str:
+        return f"{self.ns}.v1.models"
+
+    # ---- internal ---------------------------------------------------------------------------
+    @property
+    def router_generate(self) -> str:
+        return f"{self.ns}.router.generate"
+
+    @property
+    def indexer_overlap(self) -> str:
+        return f"{self.ns}.indexer.overlap"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.ns}.cancel"
+
+    def worker_prefill(self, instance_id: str) -> str:
+        return f"{self.ns}.worker.{instance_id}.prefill"
+
+    def worker_generate(self, instance_id: str) -> str:
+        return f"{self.ns}.worker.{instance_id}.generate"
+
+    def worker_cancel(self, instance_id: str) -> str:
+        return f"{self.ns}.worker.{instance_id}.cancel"
+
+    def worker_debug(self, instance_id: str) -> str:
+        """Request/reply: WorkerStatsRequest → WorkerStats (pool integrity, RSS, counters)."""
+        return f"{self.ns}.worker.{instance_id}.stats"
+
+    def kv_events(self, instance_id: str) -> str:
+        return f"{self.ns}.kv.events.{instance_id}"
+
+    @property
+    def kv_events_wildcard(self) -> str:
+        return f"{self.ns}.kv.events.*"
+
+    @property
+    def kv_events_stream(self) -> str:
+        """JetStream stream capturing every worker's KV events."""
+        return f"{self.ns.upper().replace('-', '_')}_KV_EVENTS"
+
+    @property
+    def instances_bucket(self) -> str:
+        """JetStream KV bucket: key = instance id, value = msgpack InstanceInfo."""
+        return f"{self.ns}-instances"
+
+    # ---- queue groups -----------------------------------------------------------------------
+    ROUTER_QUEUE = "router"
+    INDEXER_QUEUE = "indexer"
+    FRONTEND_QUEUE = "frontend"
