@@ -172,6 +172,16 @@ class PrefillResult(Message, tag="prefill_result"):
 # ---- router → decode worker ---------------------------------------------------------------------
 
 
+class RequestMetrics(Message):
+    """Where and how a request ran; carried on the final TokenChunk."""
+
+    prefill_worker: str = ""
+    decode_worker: str = ""
+    cached_tokens: int = 0
+    prefill_ms: float = 0.0
+    kv_transfer: KvTransferStats | None = None
+
+
 class DecodeRequest(Message, tag="decode"):
     """Generate for a request; stream TokenChunks to ``reply_to``.
 
@@ -189,16 +199,14 @@ class DecodeRequest(Message, tag="decode"):
     first_token: int | None = None
     kv: KvTransferParams | None = None
     prefill_worker_id: str | None = None
+    metrics: RequestMetrics = msgspec.field(default_factory=lambda: RequestMetrics())
 
 
-class RequestMetrics(Message):
-    """Where and how a request ran; carried on the final TokenChunk."""
+class Ack(Message, tag="ack"):
+    """A worker accepted a DecodeRequest; chunks follow on its ``reply_to``."""
 
-    prefill_worker: str = ""
-    decode_worker: str = ""
-    cached_tokens: int = 0
-    prefill_ms: float = 0.0
-    kv_transfer: KvTransferStats | None = None
+    request_id: str
+    worker_id: str
 
 
 class TokenChunk(Message, tag="chunk"):
@@ -303,6 +311,22 @@ class WorkerStats(Message, tag="stats"):
     kv_events_published: int = 0
 
 
+# ---- health -----------------------------------------------------------------------------------
+
+
+class HealthRequest(Message, tag="health_request"):
+    pass
+
+
+class Health(Message, tag="health"):
+    """Answer on ``{ns}.health.{service}``: the service is up and serving."""
+
+    service: str
+    instance_id: str
+    ready: bool = True
+    detail: str = ""
+
+
 # ---- codec -------------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -325,10 +349,13 @@ def decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Ack",
     "Cancel",
     "DecodeRequest",
     "ErrorReply",
     "FinishReason",
+    "Health",
+    "HealthRequest",
     "InstanceInfo",
     "KvCleared",
     "KvEvent",

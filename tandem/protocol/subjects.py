@@ -54,6 +54,10 @@ class Subjects:
     def cancel(self) -> str:
         return f"{self.ns}.cancel"
 
+    def health(self, service: str) -> str:
+        """Request/reply HealthRequest → Health; queue group = service name."""
+        return f"{self.ns}.health.{service}"
+
     def worker_prefill(self, instance_id: str) -> str:
         return f"{self.ns}.worker.{instance_id}.prefill"
 
