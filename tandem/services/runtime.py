@@ -1,0 +1,956 @@
+"""Shared service runtime: NATS connection, typed request/reply, discovery, tracing, logging, shutdown.
+
+Every tandem process (frontend, router, indexer, worker) is built from these pieces:
+
+* :func:`connect` — a NATS connection with reconnects and a client name.
+* :func:`serve` — subscribe a typed async handler to a subject. Each message is decoded with a
+  cached msgspec msgpack decoder and handled in its own task (tracked by a :class:`TaskTracker`
+  so shutdown can drain it). A bad payload is answered with ``ErrorReply(400)``, a handler
+  exception with ``ErrorReply(500)`` (or the code of a :class:`ServiceError`); the subscription
+  never dies. Trace context is taken from the ``traceparent`` header into a SERVER span.
+* :func:`request` / :func:`publish` — typed send with ``traceparent`` injected. ``request``
+  raises :class:`RemoteError` for an ``ErrorReply``, :class:`NoRespondersError` (503) when nobody
+  listens and :class:`RequestTimeoutError` (a ``TimeoutError``) on timeout.
+* :func:`ensure_jetstream` — idempotently create the KV-events stream and the instances bucket.
+* :class:`InstanceRegistry` — watch the instances bucket (discovery); :class:`WorkerRegistration`
+  — a worker's heartbeat into it.
+* :func:`setup_logging`, :func:`setup_tracing` — structlog JSON lines on stderr, OpenTelemetry.
+* :class:`ServiceBase`, :func:`run_service`, :func:`common_parser` — process life cycle: uvloop,
+  health responder, ``event="ready"`` log line, SIGINT/SIGTERM → graceful shutdown, exit 0.
+
+Shutdown order (:meth:`ServiceBase.shutdown`): run the *unregister* hooks (e.g. delete the worker's
+registry entry) → wait the grace period (peers notice) → unsubscribe every served subject (no new
+work) → drain in-flight handler tasks (timeout, then cancel) → run the *close* hooks (watchers,
+consumers, background tasks) → drain the NATS connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg as NatsMsg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from tandem.protocol import DEFAULT_NAMESPACE, Subjects
+from tandem.protocol.messages import ErrorReply, Health, HealthRequest, InstanceInfo, Message, encode
+
+__all__ = [
+    "DEFAULT_NATS_URL",
+    "Handler",
+    "InstanceRegistry",
+    "NoRespondersError",
+    "RemoteError",
+    "RequestTimeoutError",
+    "ServiceBase",
+    "ServiceError",
+    "TaskTracker",
+    "WorkerRegistration",
+    "common_parser",
+    "connect",
+    "decode_as",
+    "ensure_jetstream",
+    "extract_context",
+    "get_logger",
+    "get_tracer",
+    "inject_headers",
+    "publish",
+    "request",
+    "run_service",
+    "serve",
+    "setup_logging",
+    "setup_tracing",
+]
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+#: KV events older than this are dropped by the stream (seconds).
+KV_EVENTS_MAX_AGE_S = 3600.0
+#: Instances bucket TTL: an entry not refreshed for this long expires (seconds).
+INSTANCE_TTL_S = 10.0
+#: Worker heartbeat period (seconds).
+HEARTBEAT_INTERVAL_S = 1.0
+
+M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
+
+#: A served handler: ``await handler(decoded_message, raw_nats_msg)``; a returned Message is the reply.
+Handler = Callable[[Any, NatsMsg], Awaitable[Message | None]]
+
+_log = structlog.get_logger("tandem.runtime")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class ServiceError(Exception):
+    """An error with an HTTP-like ``code`` (see :class:`ErrorReply`).
+
+    Raise it from a served handler to answer ``ErrorReply(code, message, type=type)`` instead of
+    the generic 500.
+    """
+
+    def __init__(self, code: int, message: str, *, type: str = "internal_error") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.type = type
+
+    def to_reply(self, request_id: str = "") -> ErrorReply:
+        """The :class:`ErrorReply` carrying this error."""
+        return ErrorReply(code=self.code, message=self.message, request_id=request_id, type=self.type)
+
+
+class RemoteError(ServiceError):
+    """The remote side answered ``ErrorReply``; ``code``/``message``/``type`` are copied from it."""
+
+    @classmethod
+    def from_reply(cls, reply: ErrorReply) -> RemoteError:
+        return cls(reply.code, reply.message, type=reply.type)
+
+
+class NoRespondersError(RemoteError):
+    """Nobody is subscribed to the subject (code 503)."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(503, f"no responders on {subject}", type="service_unavailable")
+        self.subject = subject
+
+
+class RequestTimeoutError(TimeoutError):
+    """No reply within the timeout. A ``TimeoutError`` (== ``asyncio.TimeoutError``)."""
+
+    def __init__(self, subject: str, timeout: float) -> None:
+        super().__init__(f"no reply on {subject} within {timeout:.3f} s")
+        self.subject = subject
+        self.timeout = timeout
+
+
+# ---- codec ----------------------------------------------------------------------------------------
+
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def _decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
+    dec = _decoders.get(tp)
+    if dec is None:
+        dec = msgspec.msgpack.Decoder(tp)
+        _decoders[tp] = dec
+    return dec
+
+
+def decode_as(tp: Any, data: bytes) -> Any:
+    """Decode msgpack ``data`` as ``tp`` (a Struct type or a union) with a cached decoder.
+
+    Raises ``msgspec.DecodeError`` / ``msgspec.ValidationError`` on bad input.
+    """
+    return _decoder(tp).decode(data)
+
+
+# ---- logging ----------------------------------------------------------------------------------------
+
+
+def setup_logging(service: str, level: str = "info") -> None:
+    """Configure structlog: one JSON object per line on stderr.
+
+    Every line carries ``service``, ``level``, ``timestamp`` (ISO UTC) and any contextvars bound
+    with ``structlog.contextvars.bind_contextvars`` (``serve`` binds ``request_id`` per message).
+    ``level``: debug/info/warning/error. Stdlib logging (nats-py) goes to stderr at WARNING+.
+    """
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+
+    def add_service(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event_dict.setdefault("service", service)
+        return event_dict
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            add_service,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(stream=sys.stderr, level=max(numeric, logging.WARNING))
+
+
+def get_logger(name: str = "tandem") -> Any:
+    """A structlog logger (configured by :func:`setup_logging`)."""
+    return structlog.get_logger(name)
+
+
+# ---- tracing ----------------------------------------------------------------------------------------
+
+_provider: TracerProvider | None = None
+
+
+def setup_tracing(service: str, exporter: SpanExporter | None = None) -> TracerProvider:
+    """Create the tracer provider used by the runtime (resource ``service.name = service``).
+
+    Spans go to an OTLP/HTTP exporter when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (batched), and
+    to ``exporter`` when given (synchronously; tests pass an ``InMemorySpanExporter``). With
+    neither, spans are created (trace ids still propagate) but not exported. Calling it again
+    replaces the runtime's provider; the first call also installs it as the OTel global one.
+    """
+    global _provider
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    if _provider is None:
+        trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def shutdown_tracing() -> None:
+    """Flush and stop the runtime's tracer provider (no-op without one)."""
+    if _provider is not None:
+        _provider.force_flush(5000)
+        _provider.shutdown()
+
+
+def get_tracer(name: str = "tandem") -> trace.Tracer:
+    """Tracer from the runtime's provider (or the OTel global one before :func:`setup_tracing`)."""
+    if _provider is not None:
+        return _provider.get_tracer(name)
+    return trace.get_tracer(name)
+
+
+def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """Return ``headers`` (a new dict if None) with the current trace context (``traceparent``)."""
+    carrier: dict[str, str] = {} if headers is None else headers
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
+    """The OTel context carried by NATS ``headers`` (empty context when there is none)."""
+    return propagate.extract(dict(headers) if headers else {})
+
+
+# ---- connection -------------------------------------------------------------------------------------
+
+
+async def connect(url: str, name: str, *, connect_timeout: float = 10.0) -> NatsClient:
+    """Connect to NATS as client ``name``.
+
+    Retries the initial connection for up to ``connect_timeout`` seconds (the server may still be
+    starting), then raises ``ConnectionError``. Once connected, reconnects forever (every 0.5 s);
+    connection events are logged.
+    """
+    log = _log.bind(nats_url=url, client=name)
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats_error", error=repr(e))
+
+    async def on_disconnected() -> None:
+        log.warning("nats_disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats_reconnected")
+
+    try:
+        async with asyncio.timeout(connect_timeout):
+            return await nats.connect(
+                url,
+                name=name,
+                connect_timeout=2.0,
+                allow_reconnect=True,
+                reconnect_time_wait=0.5,
+                max_reconnect_attempts=-1,
+                ping_interval=10,
+                max_outstanding_pings=3,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
+    except TimeoutError:
+        raise ConnectionError(f"could not connect to NATS at {url} within {connect_timeout} s") from None
+
+
+# ---- in-flight task tracking --------------------------------------------------------------------------
+
+
+class TaskTracker:
+    """Owns the tasks spawned by :func:`serve` (and anything else a service spawns).
+
+    Tasks remove themselves when done; :meth:`drain` waits for the rest with a timeout and then
+    cancels what is left.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task[Any]:
+        """Start ``coro`` as a tracked task. Exceptions are logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout: float) -> int:  # noqa: ASYNC109
+        """Wait up to ``timeout`` seconds for tracked tasks; cancel the rest.
+
+        Returns the number of tasks that had to be cancelled.
+        """
+        if not self._tasks:
+            return 0
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        return len(pending)
+
+
+#: Tracker used by :func:`serve` when none is given (one per process; drained by run_service).
+DEFAULT_TRACKER = TaskTracker()
+
+
+# ---- serve / request / publish ----------------------------------------------------------------------
+
+
+async def _reply(nc: NatsClient, subject: str | None, msg: Message) -> None:
+    if not subject:
+        return
+    try:
+        await nc.publish(subject, encode(msg), headers=inject_headers())
+    except Exception as e:  # connection closing; nothing else to do
+        _log.warning("reply_failed", reply_subject=subject, error=repr(e))
+
+
+async def serve(
+    nc: NatsClient,
+    subject: str,
+    msg_type: type[M],
+    handler: Callable[[M, NatsMsg], Awaitable[Message | None]],
+    *,
+    queue: str | None = None,
+    service: str = "",
+    tracker: TaskTracker | None = None,
+) -> Subscription:
+    """Subscribe ``handler`` to ``subject`` (optionally in queue group ``queue``).
+
+    Each message runs in its own task on ``tracker`` (default :data:`DEFAULT_TRACKER`) inside a
+    SERVER span named ``subject`` whose parent is the ``traceparent`` header; ``request_id`` (if
+    the message has one) is bound into the log context. Outcomes:
+
+    * payload not decodable as ``msg_type`` → ``ErrorReply(400)`` to ``msg.reply`` (if any), logged;
+    * handler returns a Message → published to ``msg.reply`` (if any) with ``traceparent``;
+    * handler raises :class:`ServiceError` → ``ErrorReply(e.code)``; ``TimeoutError`` → 504;
+      any other exception → ``ErrorReply(500)``; always logged, the subscription keeps serving.
+
+    Returns the NATS subscription; its owner unsubscribes it (``ServiceBase`` does on shutdown).
+    """
+    trk = tracker if tracker is not None else DEFAULT_TRACKER
+    dec = _decoder(msg_type)
+    tracer = get_tracer("tandem.serve")
+    log = _log.bind(subject=subject, service=service) if service else _log.bind(subject=subject)
+
+    async def handle(nmsg: NatsMsg) -> None:
+        ctx = extract_context(nmsg.headers)
+        with tracer.start_as_current_span(
+            subject,
+            context=ctx,
+            kind=SpanKind.SERVER,
+            attributes={"messaging.system": "nats", "messaging.destination.name": nmsg.subject},
+        ) as span:
+            try:
+                obj = dec.decode(nmsg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                log.warning("bad_payload", msg_subject=nmsg.subject, error=str(e), nbytes=len(nmsg.data))
+                span.set_status(Status(StatusCode.ERROR, "bad payload"))
+                await _reply(nc, nmsg.reply, ErrorReply(code=400, message=f"bad {msg_type.__name__}: {e}"))
+                return
+            request_id = getattr(obj, "request_id", "")
+            if request_id:
+                span.set_attribute("tandem.request_id", request_id)
+                structlog.contextvars.bind_contextvars(request_id=request_id)
+            try:
+                result = await handler(obj, nmsg)
+            except ServiceError as e:
+                log.warning("handler_error", code=e.code, error=e.message)
+                span.set_status(Status(StatusCode.ERROR, e.message))
+                await _reply(nc, nmsg.reply, e.to_reply(request_id))
+                return
+            except asyncio.CancelledError:
+                span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                await _reply(
+                    nc,
+                    nmsg.reply,
+                    ErrorReply(code=503, message="shutting down", request_id=request_id, type="unavailable"),
+                )
+                raise
+            except TimeoutError as e:
+                log.warning("handler_timeout", error=str(e) or repr(e))
+                span.set_status(Status(StatusCode.ERROR, "timeout"))
+                await _reply(
+                    nc,
+                    nmsg.reply,
+                    ErrorReply(code=504, message=str(e) or "timeout", request_id=request_id, type="timeout"),
+                )
+                return
+            except Exception as e:
+                log.exception("handler_failed", error=repr(e))
+                span.record_exception(e)
+                span.set_status(Status(StatusCode.ERROR, repr(e)))
+                await _reply(
+                    nc,
+                    nmsg.reply,
+                    ErrorReply(
+                        code=500,
+                        message=f"{type(e).__name__}: {e}",
+                        request_id=request_id,
+                        type="internal_error",
+                    ),
+                )
+                return
+            if result is not None:
+                await _reply(nc, nmsg.reply, result)
+
+    async def on_msg(nmsg: NatsMsg) -> None:
+        # Runs in the subscription's delivery task: hand off so a slow handler blocks nothing.
+        trk.spawn(handle(nmsg), name=f"serve:{subject}")
+
+    return await nc.subscribe(subject, queue=queue or "", cb=on_msg)
+
+
+async def request(
+    nc: NatsClient,
+    subject: str,
+    msg: Message,
+    reply_type: type[R],
+    *,
+    timeout: float,  # noqa: ASYNC109
+    headers: dict[str, str] | None = None,
+) -> R:
+    """Send ``msg`` to ``subject`` and return the decoded ``reply_type`` answer.
+
+    ``timeout`` in seconds. A CLIENT span named ``subject`` wraps the call and its context rides
+    in ``traceparent``. Raises :class:`RemoteError` (the answer was an ``ErrorReply``, or it could
+    not be decoded: code 502), :class:`NoRespondersError` (nobody listens, 503) or
+    :class:`RequestTimeoutError` (a ``TimeoutError``).
+    """
+    tracer = get_tracer("tandem.request")
+    with tracer.start_as_current_span(subject, kind=SpanKind.CLIENT) as span:
+        request_id = getattr(msg, "request_id", "")
+        if request_id:
+            span.set_attribute("tandem.request_id", request_id)
+        hdrs = inject_headers(dict(headers) if headers else None)
+        try:
+            resp = await nc.request(subject, encode(msg), timeout=timeout, headers=hdrs)
+        except nats.errors.NoRespondersError:
+            span.set_status(Status(StatusCode.ERROR, "no responders"))
+            raise NoRespondersError(subject) from None
+        except TimeoutError:  # nats.errors.TimeoutError is one
+            span.set_status(Status(StatusCode.ERROR, "timeout"))
+            raise RequestTimeoutError(subject, timeout) from None
+        try:
+            reply = _decoder(reply_type | ErrorReply).decode(resp.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            span.set_status(Status(StatusCode.ERROR, "bad reply"))
+            raise RemoteError(502, f"bad reply from {subject}: {e}", type="bad_gateway") from None
+        if isinstance(reply, ErrorReply):
+            span.set_status(Status(StatusCode.ERROR, reply.message))
+            raise RemoteError.from_reply(reply)
+        return reply  # type: ignore[no-any-return]
+
+
+async def publish(nc: NatsClient, subject: str, msg: Message, headers: dict[str, str] | None = None) -> None:
+    """Publish ``msg`` to ``subject`` with the current trace context in the headers (fire and forget)."""
+    await nc.publish(subject, encode(msg), headers=inject_headers(dict(headers) if headers else None))
+
+
+# ---- JetStream: events stream and instances bucket ----------------------------------------------------
+
+
+async def ensure_jetstream(
+    js: JetStreamContext,
+    subjects: Subjects,
+    *,
+    events_max_age_s: float = KV_EVENTS_MAX_AGE_S,
+    instance_ttl_s: float = INSTANCE_TTL_S,
+) -> KeyValue:
+    """Create (if missing) the KV-events stream and the instances bucket; return the bucket.
+
+    Stream ``subjects.kv_events_stream`` captures ``subjects.kv_events_wildcard`` (limits retention,
+    file storage, ``events_max_age_s`` seconds). Bucket ``subjects.instances_bucket``: history 1,
+    ``instance_ttl_s`` seconds. Safe to call from every process concurrently: an existing stream or
+    bucket is kept as it is. Raises ``nats.js.errors.APIError`` on other JetStream errors.
+    """
+    try:
+        await js.stream_info(subjects.kv_events_stream)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(
+                name=subjects.kv_events_stream,
+                subjects=[subjects.kv_events_wildcard],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=events_max_age_s,
+            )
+        except nats.js.errors.BadRequestError:
+            await js.stream_info(subjects.kv_events_stream)  # created concurrently; else re-raises
+    try:
+        return await js.key_value(subjects.instances_bucket)
+    except nats.js.errors.BucketNotFoundError:
+        try:
+            return await js.create_key_value(bucket=subjects.instances_bucket, history=1, ttl=instance_ttl_s)
+        except nats.js.errors.BadRequestError:
+            return await js.key_value(subjects.instances_bucket)
+
+
+# ---- discovery ------------------------------------------------------------------------------------------
+
+InstanceCallback = Callable[[InstanceInfo], Awaitable[None]]
+
+
+class InstanceRegistry:
+    """Live view of the ``{ns}-instances`` bucket: ``instance_id -> InstanceInfo``.
+
+    :meth:`start` loads the current entries (returns once the initial values are in) and keeps
+    watching. An entry disappears on delete/purge, or when its ``heartbeat_at`` (Unix seconds,
+    the worker's clock) is more than ``ttl_s`` seconds old (checked every ``sweep_interval_s``).
+    Callbacks (``on_added`` when an id appears, ``on_removed`` when it goes) run in the watcher
+    task, in order; their exceptions are logged.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        *,
+        ttl_s: float = INSTANCE_TTL_S,
+        sweep_interval_s: float = 0.5,
+    ) -> None:
+        self._js = js
+        self._subjects = subjects
+        self.ttl_s = ttl_s
+        self._sweep_interval_s = sweep_interval_s
+        self._instances: dict[str, InstanceInfo] = {}
+        self._added_cbs: list[InstanceCallback] = []
+        self._removed_cbs: list[InstanceCallback] = []
+        self._changed = asyncio.Condition()
+        self._watcher: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._log = _log.bind(bucket=subjects.instances_bucket)
+
+    # -- queries
+    @property
+    def instances(self) -> dict[str, InstanceInfo]:
+        """Current instances (a copy)."""
+        return dict(self._instances)
+
+    def get(self, instance_id: str) -> InstanceInfo | None:
+        return self._instances.get(instance_id)
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+    def __contains__(self, instance_id: object) -> bool:
+        return instance_id in self._instances
+
+    def on_added(self, cb: InstanceCallback) -> None:
+        """Call ``await cb(info)`` whenever a new instance id appears (not on every heartbeat)."""
+        self._added_cbs.append(cb)
+
+    def on_removed(self, cb: InstanceCallback) -> None:
+        """Call ``await cb(last_info)`` whenever an instance goes (delete, purge or stale heartbeat)."""
+        self._removed_cbs.append(cb)
+
+    async def wait_for(
+        self,
+        predicate: Callable[[dict[str, InstanceInfo]], bool],
+        timeout: float,  # noqa: ASYNC109
+    ) -> None:
+        """Wait until ``predicate(instances)`` is true. Raises ``TimeoutError`` after ``timeout`` s."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self._instances))
+
+    # -- life cycle
+    async def start(self, *, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Create the bucket if needed, load the current entries and start watching.
+
+        Raises ``TimeoutError`` if the initial values do not arrive within ``timeout`` seconds.
+        """
+        kv = await ensure_jetstream(self._js, self._subjects)
+        self._watcher = await kv.watchall()
+        initial = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._watch(initial), name="registry-watch"))
+        self._tasks.append(asyncio.create_task(self._sweep(), name="registry-sweep"))
+        try:
+            async with asyncio.timeout(timeout):
+                await initial.wait()
+        except TimeoutError:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop watching (idempotent). The last known instances stay readable."""
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+            self._watcher = None
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
+    async def _watch(self, initial: asyncio.Event) -> None:
+        watcher = self._watcher
+        async for entry in watcher:
+            if entry is None:  # initial values delivered
+                initial.set()
+                continue
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                await self._remove(entry.key, reason="deleted")
+                continue
+            try:
+                info = decode_as(InstanceInfo, entry.value)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                self._log.warning("bad_instance_entry", key=entry.key, error=str(e))
+                continue
+            if self._is_stale(info, time.time()):
+                await self._remove(entry.key, reason="stale")
+                continue
+            await self._put(info)
+        initial.set()
+
+    def _is_stale(self, info: InstanceInfo, now: float) -> bool:
+        return now - info.heartbeat_at > self.ttl_s
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval_s)
+            now = time.time()
+            for iid, info in list(self._instances.items()):
+                if self._is_stale(info, now):
+                    await self._remove(iid, reason="heartbeat_timeout")
+
+    async def _put(self, info: InstanceInfo) -> None:
+        is_new = info.instance_id not in self._instances
+        self._instances[info.instance_id] = info
+        if is_new:
+            self._log.info("instance_added", instance_id=info.instance_id, role=info.role)
+            await self._run_callbacks(self._added_cbs, info)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _remove(self, instance_id: str, *, reason: str) -> None:
+        info = self._instances.pop(instance_id, None)
+        if info is None:
+            return
+        self._log.info("instance_removed", instance_id=instance_id, reason=reason)
+        await self._run_callbacks(self._removed_cbs, info)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _run_callbacks(self, cbs: Iterable[InstanceCallback], info: InstanceInfo) -> None:
+        for cb in cbs:
+            try:
+                await cb(info)
+            except Exception as e:
+                self._log.exception("registry_callback_failed", instance_id=info.instance_id, error=repr(e))
+
+
+class WorkerRegistration:
+    """A worker's heartbeat: put ``info_factory()`` (with ``heartbeat_at`` = now) under its
+    instance id every ``interval_s`` seconds; delete the entry on :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        info_factory: Callable[[], InstanceInfo],
+        *,
+        interval_s: float = HEARTBEAT_INTERVAL_S,
+    ) -> None:
+        self._js = js
+        self._subjects = subjects
+        self._info_factory = info_factory
+        self.interval_s = interval_s
+        self._kv: KeyValue | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._key: str | None = None
+
+    async def start(self) -> None:
+        """Put the first entry (so the worker is discoverable when this returns) and start beating.
+
+        Raises the JetStream error if the first put fails.
+        """
+        self._kv = await ensure_jetstream(self._js, self._subjects)
+        await self._beat()
+        self._task = asyncio.create_task(self._loop(), name="worker-heartbeat")
+
+    async def _beat(self) -> None:
+        if self._kv is None:
+            return
+        info = msgspec.structs.replace(self._info_factory(), heartbeat_at=time.time())
+        self._key = info.instance_id
+        await self._kv.put(info.instance_id, encode(info))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self._beat()
+            except Exception as e:  # transient (reconnecting); next beat retries
+                _log.warning("heartbeat_failed", error=repr(e))
+
+    async def stop(self) -> None:
+        """Stop beating and delete the entry (idempotent; errors are logged)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._kv is not None and self._key is not None:
+            try:
+                await self._kv.delete(self._key)
+            except Exception as e:
+                _log.warning("unregister_failed", instance_id=self._key, error=repr(e))
+        self._kv = None
+
+
+# ---- process life cycle ---------------------------------------------------------------------------------
+
+
+def common_parser(service: str, description: str | None = None) -> argparse.ArgumentParser:
+    """argparse parser with the options every service takes.
+
+    ``--nats-url`` (default ``$NATS_URL`` or ``nats://127.0.0.1:4222``), ``--namespace`` (default
+    ``$TANDEM_NAMESPACE`` or ``tandem``), ``--log-level`` (default ``info``).
+    """
+    p = argparse.ArgumentParser(prog=f"python -m tandem.services.{service}", description=description)
+    p.add_argument("--nats-url", default=os.environ.get("NATS_URL", DEFAULT_NATS_URL))
+    p.add_argument("--namespace", default=os.environ.get("TANDEM_NAMESPACE", DEFAULT_NAMESPACE))
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+HookFn = Callable[[], Awaitable[None]]
+
+
+class ServiceBase:
+    """One service process's resources and their shutdown.
+
+    Owns the NATS connection (``nc``, ``js``), ``subjects``, a :class:`TaskTracker` for handler
+    tasks, the served subscriptions and the shutdown hooks. Usable in-process (tests):
+    ``await svc.start()``, ``await svc.serve(...)``, ``await svc.shutdown()``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        nats_url: str,
+        namespace: str = DEFAULT_NAMESPACE,
+        instance_id: str | None = None,
+        grace_s: float = 0.5,
+        drain_timeout_s: float = 10.0,
+    ) -> None:
+        self.name = name
+        self.nats_url = nats_url
+        self.subjects = Subjects(namespace)
+        self.instance_id = instance_id or f"{name}-{uuid.uuid4().hex[:8]}"
+        self.grace_s = grace_s
+        self.drain_timeout_s = drain_timeout_s
+        self.tracker = TaskTracker()
+        self.log = get_logger(f"tandem.{name}").bind(instance_id=self.instance_id)
+        self.stopping = asyncio.Event()
+        #: Returns ``(ready, detail)`` for health answers; default: always ready.
+        self.readiness: Callable[[], tuple[bool, str]] = lambda: (True, "")
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._subs: list[Subscription] = []
+        self._unregister_hooks: list[HookFn] = []
+        self._close_hooks: list[HookFn] = []
+        self._shut_down = False
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("service not started")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("service not started")
+        return self._js
+
+    async def start(self) -> None:
+        """Connect, make sure the JetStream stream/bucket exist and answer health requests."""
+        self._nc = await connect(self.nats_url, f"{self.name}:{self.instance_id}")
+        self._js = self._nc.jetstream()
+        await ensure_jetstream(self._js, self.subjects)
+        await self.serve(self.subjects.health(self.name), HealthRequest, self._health, queue=self.name)
+
+    async def _health(self, _req: HealthRequest, _msg: NatsMsg) -> Health:
+        ready, detail = self.readiness()
+        return Health(service=self.name, instance_id=self.instance_id, ready=ready, detail=detail)
+
+    async def serve(
+        self,
+        subject: str,
+        msg_type: type[M],
+        handler: Callable[[M, NatsMsg], Awaitable[Message | None]],
+        *,
+        queue: str | None = None,
+    ) -> Subscription:
+        """:func:`serve` with this service's tracker; the subscription is closed on shutdown."""
+        sub = await serve(
+            self.nc, subject, msg_type, handler, queue=queue, service=self.name, tracker=self.tracker
+        )
+        self._subs.append(sub)
+        return sub
+
+    def on_unregister(self, hook: HookFn) -> None:
+        """Run ``await hook()`` first on shutdown (e.g. delete the registry entry). LIFO order."""
+        self._unregister_hooks.append(hook)
+
+    def on_close(self, hook: HookFn) -> None:
+        """Run ``await hook()`` after handlers drained, before the connection closes. LIFO order."""
+        self._close_hooks.append(hook)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task[Any]:
+        """Start a background task owned by the service (cancelled at shutdown after the drain)."""
+        return self.tracker.spawn(coro, name=name)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run_until_stopped` to return (signal handlers call this)."""
+        self.stopping.set()
+
+    async def _run_hooks(self, hooks: list[HookFn], what: str) -> None:
+        for hook in reversed(hooks):
+            try:
+                async with asyncio.timeout(self.drain_timeout_s):
+                    await hook()
+            except Exception as e:
+                self.log.warning("shutdown_hook_failed", stage=what, error=repr(e))
+
+    async def shutdown(self) -> None:
+        """Graceful stop (idempotent); see the module docstring for the order."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self.stopping.set()
+        self.log.info("shutting_down", inflight=len(self.tracker))
+        await self._run_hooks(self._unregister_hooks, "unregister")
+        if self._unregister_hooks and self.grace_s > 0:
+            await asyncio.sleep(self.grace_s)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        cancelled = await self.tracker.drain(self.drain_timeout_s)
+        if cancelled:
+            self.log.warning("handlers_cancelled", count=cancelled)
+        await self._run_hooks(self._close_hooks, "close")
+        if self._nc is not None:
+            try:
+                async with asyncio.timeout(5.0):
+                    await self._nc.drain()
+            except Exception as e:
+                self.log.warning("nats_drain_failed", error=repr(e))
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
+        self.log.info("stopped")
+
+
+def run_service(
+    setup: Callable[[ServiceBase], Awaitable[None]],
+    name: str,
+    args: argparse.Namespace,
+    *,
+    instance_id: str | None = None,
+    grace_s: float = 0.5,
+) -> int:
+    """Run a service process to completion; returns the exit code (0 after a clean stop).
+
+    Sets up logging (``args.log_level``) and tracing, runs under uvloop, starts a
+    :class:`ServiceBase` on ``args.nats_url``/``args.namespace``, awaits ``setup(svc)`` (which
+    subscribes handlers and registers hooks), logs ``event="ready"`` and waits for SIGINT/SIGTERM,
+    then shuts down gracefully. A failing ``setup`` is logged and gives exit code 1.
+    """
+    import uvloop
+
+    setup_logging(name, args.log_level)
+    setup_tracing(name)
+    log = get_logger(f"tandem.{name}")
+
+    async def main() -> int:
+        svc = ServiceBase(
+            name, nats_url=args.nats_url, namespace=args.namespace, instance_id=instance_id, grace_s=grace_s
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, svc.request_stop)
+        code = 0
+        try:
+            await svc.start()
+            await setup(svc)
+            svc.log.info("ready", nats_url=args.nats_url, namespace=args.namespace)
+            await svc.stopping.wait()
+        except Exception as e:
+            svc.log.exception("service_failed", error=repr(e))
+            code = 1
+        finally:
+            await svc.shutdown()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        return code
+
+    try:
+        code = uvloop.run(main())
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        shutdown_tracing()
+    log.info("exit", code=code)
+    return code
