@@ -1,0 +1,254 @@
+"""The launcher's pure planning (flags → process list) and its process plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from tandem.services import launcher
+from tandem.services.launcher import (
+    LaunchConfig,
+    LaunchError,
+    ProcessSpec,
+    child_env,
+    parse_args,
+    plan_processes,
+    stop_groups,
+    threads_per_worker,
+)
+
+NATS = "nats://127.0.0.1:4999"
+
+
+def _flag(spec: ProcessSpec, name: str) -> str | None:
+    """Value following ``name`` in the spec's arguments (None if absent)."""
+    args = list(spec.args)
+    return args[args.index(name) + 1] if name in args else None
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+
+
+def test_defaults_are_one_prefill_one_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NATS_URL", raising=False)
+    monkeypatch.delenv("TANDEM_NAMESPACE", raising=False)
+    cfg = parse_args([])
+    assert (cfg.prefill, cfg.decode, cfg.aggregated) == (1, 1, False)
+    assert (cfg.host, cfg.port, cfg.dtype, cfg.kv_cache_gb) == ("127.0.0.1", 8000, "bfloat16", 1.0)
+    assert cfg.namespace == "tandem"
+    assert cfg.nats_url is None
+    assert cfg.threads is None
+    assert not cfg.smoke
+
+
+def test_env_supplies_nats_url_and_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATS_URL", "nats://10.0.0.1:4222")
+    monkeypatch.setenv("TANDEM_NAMESPACE", "staging")
+    cfg = parse_args([])
+    assert cfg.nats_url == "nats://10.0.0.1:4222"
+    assert cfg.namespace == "staging"
+
+
+def test_all_flags_parse() -> None:
+    cfg = parse_args(
+        [
+            "--prefill", "2", "--decode", "3", "--port", "9000", "--host", "0.0.0.0",
+            "--kv-cache-gb", "0.5", "--threads", "4", "--dtype", "float32", "--namespace", "ns1",
+            "--smoke", "--log-dir", "/tmp/x", "--disagg-min-tokens", "0", "--ready-timeout", "30",
+        ]
+    )  # fmt: skip
+    assert (cfg.prefill, cfg.decode, cfg.port, cfg.host) == (2, 3, 9000, "0.0.0.0")
+    assert (cfg.kv_cache_gb, cfg.threads, cfg.dtype, cfg.namespace) == (0.5, 4, "float32", "ns1")
+    assert cfg.smoke and cfg.log_dir == "/tmp/x" and cfg.disagg_min_tokens == 0
+    assert cfg.ready_timeout == 30
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--aggregated", "--prefill", "1"],
+        ["--decode", "0"],
+        ["--prefill", "0"],
+        ["--port", "0"],
+        ["--port", "70000"],
+        ["--kv-cache-gb", "0"],
+        ["--threads", "0"],
+        ["--dtype", "float16"],
+        ["--namespace", "a.b"],
+        ["--disagg-min-tokens", "-1"],
+        ["--bogus"],
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+# ---- planning ----------------------------------------------------------------------------------
+
+
+def test_disaggregated_plan_order_roles_and_flags() -> None:
+    cfg = LaunchConfig(prefill=2, decode=1, kv_cache_gb=0.25, dtype="float32", namespace="ns")
+    specs = plan_processes(cfg, NATS, cpu_count=6)
+    assert [s.name for s in specs] == ["indexer", "router", "prefill-0", "prefill-1", "decode-0", "frontend"]
+    assert [s.service for s in specs] == ["indexer", "router", "worker", "worker", "worker", "frontend"]
+    workers = [s for s in specs if s.service == "worker"]
+    assert [s.role for s in workers] == ["prefill", "prefill", "decode"]
+    for w in workers:
+        assert _flag(w, "--role") == w.role
+        assert _flag(w, "--instance-id") == w.name
+        assert _flag(w, "--dtype") == "float32"
+        assert _flag(w, "--kv-cache-gb") == "0.25"
+        assert _flag(w, "--threads") == "2"  # 6 cores / 3 workers
+        assert w.env["OMP_NUM_THREADS"] == "2"
+    for s in specs:
+        assert _flag(s, "--nats-url") == NATS
+        assert _flag(s, "--namespace") == "ns"
+        assert _flag(s, "--log-level") == "info"
+        assert s.argv("py")[:3] == ["py", "-m", f"tandem.services.{s.service}"]
+    frontend = specs[-1]
+    assert (_flag(frontend, "--host"), _flag(frontend, "--port")) == ("127.0.0.1", "8000")
+    assert len({s.name for s in specs}) == len(specs)
+
+
+def test_aggregated_plan_has_only_both_workers() -> None:
+    cfg = parse_args(["--aggregated", "--decode", "2"])
+    specs = plan_processes(cfg, NATS, cpu_count=2)
+    workers = [s for s in specs if s.service == "worker"]
+    assert [(w.name, w.role) for w in workers] == [("worker-0", "both"), ("worker-1", "both")]
+    assert all(_flag(w, "--threads") == "1" for w in workers)
+    assert cfg.num_workers == 2
+
+
+def test_explicit_threads_model_dir_and_router_flag() -> None:
+    cfg = LaunchConfig(threads=3, model_dir="/m", disagg_min_tokens=0)
+    specs = {s.name: s for s in plan_processes(cfg, NATS, cpu_count=64)}
+    assert _flag(specs["prefill-0"], "--threads") == "3"
+    assert _flag(specs["decode-0"], "--model-dir") == "/m"
+    assert _flag(specs["frontend"], "--model-dir") == "/m"
+    assert _flag(specs["router"], "--disagg-min-tokens") == "0"
+    assert _flag(specs["indexer"], "--disagg-min-tokens") is None
+    assert _flag(specs["router"], "--model-dir") is None
+
+
+def test_router_flag_absent_by_default() -> None:
+    specs = {s.name: s for s in plan_processes(LaunchConfig(), NATS, cpu_count=2)}
+    assert "--disagg-min-tokens" not in specs["router"].args
+
+
+@pytest.mark.parametrize(
+    ("workers", "cores", "want"), [(2, 2, 1), (2, 8, 4), (3, 2, 1), (1, 16, 16), (4, None, 1)]
+)
+def test_threads_per_worker(workers: int, cores: int | None, want: int) -> None:
+    assert threads_per_worker(workers, cores) == want
+
+
+def test_stop_groups_follow_request_path_backwards() -> None:
+    specs = plan_processes(LaunchConfig(prefill=1, decode=2), NATS, cpu_count=2)
+    groups = stop_groups(specs)
+    assert [[s.name for s in g] for g in groups] == [
+        ["frontend"],
+        ["router"],
+        ["prefill-0", "decode-0", "decode-1"],
+        ["indexer"],
+    ]
+
+
+def test_child_env_passes_otel_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = ProcessSpec("decode-0", "worker", (), role="decode", env={"OMP_NUM_THREADS": "2"})
+    base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318", "OTEL_SERVICE_NAME": "x"}
+    env = child_env(spec, base)
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    assert env["OTEL_SERVICE_NAME"] == "x"
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == "service.instance.id=decode-0"
+    # the user's settings win
+    env = child_env(spec, {"OMP_NUM_THREADS": "7", "OTEL_RESOURCE_ATTRIBUTES": "a=b"})
+    assert env["OMP_NUM_THREADS"] == "7"
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == "a=b,service.instance.id=decode-0"
+    env = child_env(spec, {"OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=mine"})
+    assert env["OTEL_RESOURCE_ATTRIBUTES"] == "service.instance.id=mine"
+
+
+def test_usage_text_has_curl_and_nats_example() -> None:
+    cfg = LaunchConfig(port=8123, namespace="demo", host="0.0.0.0")
+    text = launcher.usage_text(cfg, "nats://127.0.0.1:4333", Path("/tmp/logs"))
+    assert "http://127.0.0.1:8123/v1" in text
+    assert "curl -s http://127.0.0.1:8123/v1/chat/completions" in text
+    assert "smollm2-135m-instruct" in text and "What is the capital of France?" in text
+    assert "nats://127.0.0.1:4333" in text
+    assert "'demo.v1.chat.completions'" in text
+    snippet = text.split("<<'EOF'\n", 1)[1].split("\n  EOF", 1)[0]
+    compile("\n".join(line[2:] for line in snippet.splitlines()), "<snippet>", "exec")
+
+
+def test_reply_helpers() -> None:
+    reply = {"choices": [{"message": {"role": "assistant", "content": "Paris."}}]}
+    assert launcher.chat_content(reply) == "Paris."
+    assert launcher.chat_content({}) == ""
+    assert launcher.chat_content({"choices": []}) == ""
+    ext = {
+        "prefill_worker": "prefill-0",
+        "decode_worker": "decode-0",
+        "prefill_ms": 12.5,
+        "kv_transfer": {"blocks": 3, "bytes": 3000, "ms": 0.5, "reused_blocks": 1},
+    }
+    line = launcher.describe_extension(ext)
+    assert "prefill-0" in line and "decode-0" in line and "3000 B" in line and "1 reused" in line
+    assert "no tandem extension" in launcher.describe_extension(None)
+
+
+# ---- plumbing (real processes, fast) ---------------------------------------------------------
+
+
+async def test_embedded_nats_starts_and_stops(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    child, url = await launcher.start_nats(tmp_path, str(store))
+    try:
+        host, port = url.removeprefix("nats://").split(":")
+        socket.create_connection((host, int(port)), timeout=1).close()
+        assert (tmp_path / "nats.log").exists()
+    finally:
+        await launcher.stop_children([[child]], grace_s=5)
+    assert child.proc.returncode is not None
+
+
+async def test_stop_children_kills_what_ignores_sigterm(tmp_path: Path) -> None:
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(60)"
+    )
+    child = launcher.spawn("stubborn", "worker", [sys.executable, "-c", code], {}, tmp_path)
+    for _ in range(200):  # until the handler is installed
+        if "up" in launcher.tail(child.log_path):
+            break
+        await asyncio.sleep(0.02)
+    await launcher.stop_children([[child]], grace_s=0.3)
+    assert child.proc.returncode == -9
+
+
+async def test_wait_ready_reports_a_dead_child(tmp_path: Path) -> None:
+    code = "import sys; print('boom: bad config'); sys.exit(3)"
+    child = launcher.spawn("router", "router", [sys.executable, "-c", code], {}, tmp_path)
+    child.proc.wait(10)
+    with pytest.raises(LaunchError, match=r"router exited with status 3(.|\n)*boom: bad config"):
+        await launcher.wait_ready("http://127.0.0.1:9/ready", [child], 10, asyncio.Event())
+    await launcher.stop_children([[child]])
+
+
+async def test_wait_ready_times_out(tmp_path: Path) -> None:
+    child = launcher.spawn(
+        "sleeper", "worker", [sys.executable, "-c", "import time; time.sleep(30)"], {}, tmp_path
+    )
+    try:
+        with pytest.raises(LaunchError, match="not ready after"):
+            await launcher.wait_ready("http://127.0.0.1:9/ready", [child], 0.5, asyncio.Event())
+    finally:
+        await launcher.stop_children([[child]], grace_s=2)
