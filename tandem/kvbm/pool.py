@@ -95,9 +95,10 @@ class BlockPool:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        # Free (unregistered, refcount 0) block ids, allocated in FIFO order; initially ascending
-        # so a fresh pool hands out contiguous ids (one NIXL descriptor per run).
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Free (unregistered, refcount 0) block ids, a LIFO stack (top = last). A fresh pool hands
+        # out 0, 1, 2, ... and a released table is pushed back so it is handed out again in the
+        # same order: block tables stay contiguous (one NIXL descriptor per run).
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks - 1, -1, -1))
         # Cached (registered, refcount 0) block ids, least recently used first.
         self._lru: OrderedDict[int, None] = OrderedDict()
         # Prefix cache: sequence hash -> registered block id (in use or cached).
@@ -172,7 +173,7 @@ class BlockPool:
         evicted: list[int] = []
         for _ in range(n):
             if self._free:
-                block_id, _ = self._free.popitem(last=False)
+                block_id, _ = self._free.popitem()
                 block = self.blocks[block_id]
             else:
                 block_id, _ = self._lru.popitem(last=False)
@@ -226,8 +227,8 @@ class BlockPool:
                     self._lru[block_id] = None
                 else:
                     freed.append(block_id)
-        # Unregistered blocks go back in ascending position so future allocations stay contiguous.
-        for block_id in reversed(freed):
+        # Pushed tail first, so the table's first block is on top and is handed out first again.
+        for block_id in freed:
             self._free[block_id] = None
 
     # ---- prefix cache --------------------------------------------------------------------------
