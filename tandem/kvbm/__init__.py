@@ -11,15 +11,18 @@ from tandem.kvbm.hashing import (
 )
 from tandem.kvbm.manager import KvCacheManager, ManagerStats
 from tandem.kvbm.pool import BlockPool, NoFreeBlocksError, PoolIntegrityError, PoolStats
+from tandem.kvbm.radix import EventGap, RadixTree
 
 __all__ = [
     "BLOCK_HASH_SEED",
     "BlockPool",
+    "EventGap",
     "KvCacheManager",
     "ManagerStats",
     "NoFreeBlocksError",
     "PoolIntegrityError",
     "PoolStats",
+    "RadixTree",
     "compute_block_hashes",
     "compute_local_hashes",
     "compute_sequence_hashes",

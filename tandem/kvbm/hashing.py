@@ -23,11 +23,18 @@ import array
 import struct
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import xxhash
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
 BLOCK_HASH_SEED = 1337
 """Seed of every local and sequence hash (Dynamo's ``XXH3_SEED``)."""
+
+TokenIds: TypeAlias = "Sequence[int] | npt.NDArray[Any]"
+"""Token ids: a sequence of ints or a 1-D numpy integer array."""
 
 _U64 = 1 << 64
 _PAIR = struct.Struct("<QQ")
@@ -50,7 +57,7 @@ def lora_seed(lora_name: str | None) -> int:
     return (BLOCK_HASH_SEED + _xxh3_64(lora_name.encode("utf-8"), seed=0)) % _U64
 
 
-def pack_tokens(token_ids: Sequence[int]) -> bytes:
+def pack_tokens(token_ids: TokenIds) -> bytes:
     """Token ids as consecutive little-endian uint32 (4 bytes per token).
 
     Vectorized (``array``/numpy, no per-token Python loop). Raises ``ValueError`` if a token id
@@ -79,7 +86,7 @@ def _check_block_size(block_size: int) -> None:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
-def compute_local_hashes(token_ids: Sequence[int], block_size: int, seed: int = BLOCK_HASH_SEED) -> list[int]:
+def compute_local_hashes(token_ids: TokenIds, block_size: int, seed: int = BLOCK_HASH_SEED) -> list[int]:
     """Local hashes of the full blocks of ``token_ids``.
 
     Returns ``len(token_ids) // block_size`` hashes; the trailing partial block (if any) is not
@@ -118,9 +125,7 @@ def compute_sequence_hashes(local_hashes: Sequence[int], parent: int | None = No
     return out
 
 
-def compute_block_hashes(
-    token_ids: Sequence[int], block_size: int, lora_name: str | None = None
-) -> list[int]:
+def compute_block_hashes(token_ids: TokenIds, block_size: int, lora_name: str | None = None) -> list[int]:
     """Sequence hashes of the full blocks of ``token_ids`` (what ``block_hashes`` fields carry).
 
     ``len(token_ids) // block_size`` hashes. Raises ``ValueError`` like
@@ -131,6 +136,7 @@ def compute_block_hashes(
 
 __all__ = [
     "BLOCK_HASH_SEED",
+    "TokenIds",
     "compute_block_hashes",
     "compute_local_hashes",
     "compute_sequence_hashes",

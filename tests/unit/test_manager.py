@@ -9,7 +9,7 @@ import pytest
 from tandem.kvbm.hashing import compute_block_hashes, compute_local_hashes
 from tandem.kvbm.manager import KvCacheManager, ManagerStats
 from tandem.kvbm.pool import PoolIntegrityError
-from tandem.protocol.messages import KvCleared, KvRemoved, KvStored
+from tandem.protocol.messages import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
 
 BS = 4
 
@@ -18,7 +18,7 @@ def toks(n: int, base: int = 0) -> list[int]:
     return [base + i for i in range(n)]
 
 
-def stored_hashes(events) -> list[int]:  # type: ignore[no-untyped-def]
+def stored_hashes(events: list[KvEvent]) -> list[int]:
     return [b.block_hash for e in events if isinstance(e.data, KvStored) for b in e.data.blocks]
 
 
@@ -49,7 +49,7 @@ def test_begin_grow_commit_free() -> None:
         parent_hash=None,
         blocks=[
             *(
-                type(ev.data.blocks[0])(block_hash=s, tokens_hash=loc)
+                StoredBlock(block_hash=s, tokens_hash=loc)
                 for s, loc in zip(
                     compute_block_hashes(prompt, BS), compute_local_hashes(prompt, BS), strict=True
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -243,7 +244,7 @@ def test_pending_events_are_bounded_and_ids_keep_counting() -> None:
         lambda p: setattr(p, "_num_in_use", 0),
     ],
 )
-def test_integrity_check_catches_corruption(corrupt) -> None:  # type: ignore[no-untyped-def]
+def test_integrity_check_catches_corruption(corrupt: Callable[[BlockPool], object]) -> None:
     pool = BlockPool(8, BS)
     blocks = pool.allocate(3)
     register(pool, blocks, list(range(3 * BS)))
