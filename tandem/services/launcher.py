@@ -55,7 +55,8 @@ SERVICE_ORDER = ("indexer", "router", "worker", "frontend")
 """Start order. Stop order is the reverse of the request path: frontend, router, workers, indexer."""
 STOP_ORDER = ("frontend", "router", "worker", "indexer")
 DEFAULT_READY_TIMEOUT_S = 180.0
-DEFAULT_STOP_GRACE_S = 10.0
+DEFAULT_STOP_GRACE_S = 40.0
+"""Longer than a worker's own shutdown grace (30 s for running requests / pinned KV)."""
 LOG_TAIL_LINES = 30
 
 _PR_SET_PDEATHSIG = 1
@@ -85,6 +86,7 @@ class LaunchConfig:
     log_dir: str | None = None
     smoke: bool = False
     ready_timeout: float = DEFAULT_READY_TIMEOUT_S
+    stop_grace: float = DEFAULT_STOP_GRACE_S
 
     @property
     def num_workers(self) -> int:
@@ -169,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_READY_TIMEOUT_S,
         help=f"seconds to wait for GET /ready (default {DEFAULT_READY_TIMEOUT_S:.0f})",
     )
+    p.add_argument(
+        "--stop-grace",
+        type=float,
+        default=DEFAULT_STOP_GRACE_S,
+        help=f"seconds each process gets to exit after SIGTERM before SIGKILL "
+        f"(default {DEFAULT_STOP_GRACE_S:.0f}; a second Ctrl-C skips the wait)",
+    )
     return p
 
 
@@ -195,6 +204,8 @@ def parse_args(argv: Sequence[str] | None = None) -> LaunchConfig:
         parser.error("--disagg-min-tokens must be >= 0")
     if ns.ready_timeout <= 0:
         parser.error("--ready-timeout must be positive")
+    if ns.stop_grace < 0:
+        parser.error("--stop-grace must be >= 0")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", ns.namespace):
         parser.error("--namespace may only hold letters, digits, '-' and '_'")
     return LaunchConfig(
@@ -215,6 +226,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LaunchConfig:
         log_dir=ns.log_dir,
         smoke=ns.smoke,
         ready_timeout=ns.ready_timeout,
+        stop_grace=ns.stop_grace,
     )
 
 
@@ -427,8 +439,13 @@ def _signal_group(child: Child, sig: int) -> None:
         os.killpg(child.pid, sig)
 
 
-async def stop_children(groups: Sequence[Sequence[Child]], grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
-    """Stop ``groups`` one after the other: SIGTERM, wait ``grace_s``, then SIGKILL the group."""
+async def stop_children(
+    groups: Sequence[Sequence[Child]],
+    grace_s: float = DEFAULT_STOP_GRACE_S,
+    hurry: asyncio.Event | None = None,
+) -> None:
+    """Stop ``groups`` one after the other: SIGTERM, wait ``grace_s`` (less once ``hurry`` is
+    set, e.g. by a second Ctrl-C), then SIGKILL the process group."""
     for group in groups:
         for child in group:
             if child.alive():
@@ -438,10 +455,12 @@ async def stop_children(groups: Sequence[Sequence[Child]], grace_s: float = DEFA
         while True:  # children are plain Popen objects: poll them
             if not any(c.alive() for c in group) or time.monotonic() >= deadline:
                 break
+            if hurry is not None and hurry.is_set():
+                break
             await asyncio.sleep(0.05)
         for child in group:
             if child.alive():
-                print(f"launcher: {child.name} did not stop in {grace_s:.0f} s: SIGKILL", file=sys.stderr)
+                print(f"launcher: {child.name} still running: SIGKILL", file=sys.stderr)
             # Also reaps anything the child left behind in its group.
             _signal_group(child, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -625,9 +644,17 @@ async def launch(cfg: LaunchConfig) -> int:
     log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(tempfile.mkdtemp(prefix="tandem-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            print("launcher: stopping now (SIGKILL)", file=sys.stderr)
+            hurry.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
 
     nats_child: Child | None = None
     nats_store: str | None = None
@@ -670,7 +697,9 @@ async def launch(cfg: LaunchConfig) -> int:
         return 1
     finally:
         print("launcher: stopping", file=sys.stderr)
-        await stop_children(stop_groups([*children, *([nats_child] if nats_child else [])]))
+        await stop_children(
+            stop_groups([*children, *([nats_child] if nats_child else [])]), cfg.stop_grace, hurry
+        )
         if nats_store is not None:
             shutil.rmtree(nats_store, ignore_errors=True)
         print(f"launcher: stopped (logs in {log_dir})", file=sys.stderr)

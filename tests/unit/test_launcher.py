@@ -252,3 +252,19 @@ async def test_wait_ready_times_out(tmp_path: Path) -> None:
             await launcher.wait_ready("http://127.0.0.1:9/ready", [child], 0.5, asyncio.Event())
     finally:
         await launcher.stop_children([[child]], grace_s=2)
+
+
+async def test_second_signal_skips_the_grace_period(tmp_path: Path) -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    child = launcher.spawn("stubborn", "worker", [sys.executable, "-c", code], {}, tmp_path)
+    hurry = asyncio.Event()
+    hurry.set()
+    t0 = asyncio.get_running_loop().time()
+    await launcher.stop_children([[child]], grace_s=30, hurry=hurry)
+    assert child.proc.returncode is not None
+    assert asyncio.get_running_loop().time() - t0 < 10
+
+
+def test_stop_grace_flag() -> None:
+    assert parse_args(["--stop-grace", "5"]).stop_grace == 5
+    assert parse_args([]).stop_grace == launcher.DEFAULT_STOP_GRACE_S
