@@ -55,6 +55,8 @@ unregister (the instances-bucket entry is deleted, heartbeats stop) → grace pe
 in-flight KV transfers (the pending table empties by notification or expiry, bounded by
 ``--drain-timeout-s``) → unsubscribe and drain handler tasks → cleanup (release what is left,
 flush KV events, stop the tasks, ``agent.close()``, stop the engine thread) → drain NATS.
+By default it takes at most about 30 s (20 s grace + 10 s transfer drain), under the launcher's
+40 s stop grace.
 Exit code 0; a start-up failure (e.g. NIXL cannot load: there is no fallback) exits 1.
 
 Health: ``HealthRequest`` on ``Subjects.health("worker")`` (queue group ``worker``) is answered by
@@ -152,8 +154,8 @@ class WorkerOptions:
     transfer_timeout_s: float = 10.0
     prefill_timeout_s: float = 300.0
     heartbeat_s: float = runtime.HEARTBEAT_INTERVAL_S
-    shutdown_grace_s: float = 30.0
-    drain_timeout_s: float = 30.0
+    shutdown_grace_s: float = 20.0
+    drain_timeout_s: float = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ttl-s", type=float, default=30.0, help="pinned prefill KV expiry")
     p.add_argument("--transfer-timeout-s", type=float, default=10.0, help="one NIXL READ")
     p.add_argument("--heartbeat-s", type=float, default=runtime.HEARTBEAT_INTERVAL_S)
-    p.add_argument("--shutdown-grace-s", type=float, default=30.0, help="running requests may finish")
-    p.add_argument("--drain-timeout-s", type=float, default=30.0, help="pinned KV may be read")
+    p.add_argument("--shutdown-grace-s", type=float, default=20.0, help="running requests may finish")
+    p.add_argument("--drain-timeout-s", type=float, default=10.0, help="in-flight KV transfers may finish")
     return p
 
 
@@ -294,9 +296,7 @@ class Worker:
         svc.on_close(self._close)
         svc.readiness = lambda: (not self.draining, o.role)
         # The hooks run with svc.drain_timeout_s each: make room for our grace + drain bounds.
-        svc.drain_timeout_s = max(
-            svc.drain_timeout_s, o.shutdown_grace_s + o.transfer_timeout_s + o.drain_timeout_s + 10.0
-        )
+        svc.drain_timeout_s = max(svc.drain_timeout_s, o.shutdown_grace_s + o.drain_timeout_s + 10.0)
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         t0 = time.perf_counter()
@@ -460,9 +460,14 @@ class Worker:
         """Route one engine output to its prefill waiter or decode stream."""
         rid = out.request_id
         fut = self._prefills.get(rid)
-        if fut is not None:
-            if not fut.done() and (out.new_token_ids or out.finish_reason is not None):
+        if fut is not None and not fut.done():
+            if out.new_token_ids or out.finish_reason is not None:
                 fut.set_result(out)
+            return
+        if out.pinned_block_ids is not None:
+            # Nobody waits for this prefill any more (timed out / cancelled): free its blocks.
+            self.log.warning("orphan_pinned_kv_released", request_id=rid, blocks=len(out.pinned_block_ids))
+            self._spawn(self._release_pinned(rid), f"orphan:{rid}")
             return
         st = self._streams.get(rid)
         if st is None or st.state != "running":
@@ -536,10 +541,10 @@ class Worker:
                 return ErrorReply(code=504, message="prefill timed out", request_id=rid, type="timeout")
         finally:
             self._prefills.pop(rid, None)
+            cancelled = rid in self._cancelled_prefills
+            self._cancelled_prefills.discard(rid)
         # From here to the return there is no await before the pending entry exists, so a
         # Cancel either saw the future (and marked the id) or will find the pending entry.
-        cancelled = rid in self._cancelled_prefills
-        self._cancelled_prefills.discard(rid)
         pinned = out.pinned_block_ids
         if cancelled or not out.new_token_ids or out.finish_reason == "abort":
             if pinned is not None:
@@ -750,6 +755,13 @@ class Worker:
             await self._finish(st, "error", error=err)
             return
         table, reused = imported
+        if time.time() >= kv.expires_at:
+            await self._abort_quietly(rid)
+            err = ErrorReply(
+                code=504, message="prefilled KV expired before the READ", request_id=rid, type="timeout"
+            )
+            await self._finish(st, "error", error=err)
+            return
         if len(table) != len(kv.block_ids) or not 0 <= reused <= len(table):
             await self._abort_quietly(rid)
             await self._notify_quietly(kv, notif)
@@ -941,10 +953,12 @@ class Worker:
             if st.state == "running":
                 await self._abort_quietly(st.request_id)
                 await self._finish(st, "abort")
-        # Imports still READing finish (or time out) on their own, then see `cancelled`.
-        await self._wait_until(lambda: not self._streams, o.transfer_timeout_s + 1.0, "imports")
+        # Imports still READing finish (or time out) on their own and then see `cancelled`;
+        # pinned KV waits for its readers' notifications (or expiry).
         await self._wait_until(
-            lambda: not self._pending and not self._releasing, o.drain_timeout_s, "kv transfers"
+            lambda: not self._streams and not self._pending and not self._releasing,
+            o.drain_timeout_s,
+            "kv transfers",
         )
 
     async def _close(self) -> None:
