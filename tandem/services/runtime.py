@@ -20,8 +20,9 @@ Every tandem process (frontend, router, indexer, worker) is built from these pie
 
 Shutdown order (:meth:`ServiceBase.shutdown`): run the *unregister* hooks (e.g. delete the worker's
 registry entry) → wait the grace period (peers notice) → unsubscribe every served subject (no new
-work) → drain in-flight handler tasks (timeout, then cancel) → run the *close* hooks (watchers,
-consumers, background tasks) → drain the NATS connection.
+work) → drain in-flight handler tasks (timeout, then cancel) → cancel the service's background
+tasks (:meth:`ServiceBase.spawn`) → run the *close* hooks (watchers, consumers) → drain the NATS
+connection.
 """
 
 from __future__ import annotations
@@ -278,15 +279,21 @@ async def connect(url: str, name: str, *, connect_timeout: float = 10.0) -> Nats
     async def on_error(e: Exception) -> None:
         log.warning("nats_error", error=repr(e))
 
+    holder: list[NatsClient] = []
+
     async def on_disconnected() -> None:
-        log.warning("nats_disconnected")
+        closing = bool(holder) and (holder[0].is_closed or holder[0].is_draining)
+        if closing:
+            log.debug("nats_disconnected")
+        else:
+            log.warning("nats_disconnected")
 
     async def on_reconnected() -> None:
         log.info("nats_reconnected")
 
     try:
         async with asyncio.timeout(connect_timeout):
-            return await nats.connect(
+            nc = await nats.connect(
                 url,
                 name=name,
                 connect_timeout=2.0,
@@ -301,6 +308,8 @@ async def connect(url: str, name: str, *, connect_timeout: float = 10.0) -> Nats
             )
     except TimeoutError:
         raise ConnectionError(f"could not connect to NATS at {url} within {connect_timeout} s") from None
+    holder.append(nc)
+    return nc
 
 
 # ---- in-flight task tracking --------------------------------------------------------------------------
@@ -338,7 +347,10 @@ class TaskTracker:
         """
         if not self._tasks:
             return 0
-        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        if timeout <= 0:
+            pending = set(self._tasks)
+        else:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:
@@ -383,7 +395,8 @@ async def serve(
     * handler raises :class:`ServiceError` → ``ErrorReply(e.code)``; ``TimeoutError`` → 504;
       any other exception → ``ErrorReply(500)``; always logged, the subscription keeps serving.
 
-    Returns the NATS subscription; its owner unsubscribes it (``ServiceBase`` does on shutdown).
+    Returns the NATS subscription, already registered with the server (flushed); its owner
+    unsubscribes it (``ServiceBase`` does on shutdown).
     """
     trk = tracker if tracker is not None else DEFAULT_TRACKER
     dec = _decoder(msg_type)
@@ -455,7 +468,9 @@ async def serve(
         # Runs in the subscription's delivery task: hand off so a slow handler blocks nothing.
         trk.spawn(handle(nmsg), name=f"serve:{subject}")
 
-    return await nc.subscribe(subject, queue=queue or "", cb=on_msg)
+    sub = await nc.subscribe(subject, queue=queue or "", cb=on_msg)
+    await nc.flush(timeout=5)  # the server knows the subscription when serve returns
+    return sub
 
 
 async def request(
@@ -801,6 +816,7 @@ class ServiceBase:
         self.grace_s = grace_s
         self.drain_timeout_s = drain_timeout_s
         self.tracker = TaskTracker()
+        self._background = TaskTracker()
         self.log = get_logger(f"tandem.{name}").bind(instance_id=self.instance_id)
         self.stopping = asyncio.Event()
         #: Returns ``(ready, detail)`` for health answers; default: always ready.
@@ -859,8 +875,12 @@ class ServiceBase:
         self._close_hooks.append(hook)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task[Any]:
-        """Start a background task owned by the service (cancelled at shutdown after the drain)."""
-        return self.tracker.spawn(coro, name=name)
+        """Start a long-lived background task owned by the service.
+
+        Unlike handler tasks it is not waited for: it is cancelled at shutdown, after the handlers
+        drained and before the close hooks run.
+        """
+        return self._background.spawn(coro, name=name)
 
     def request_stop(self) -> None:
         """Ask :meth:`run_until_stopped` to return (signal handlers call this)."""
@@ -891,6 +911,7 @@ class ServiceBase:
         cancelled = await self.tracker.drain(self.drain_timeout_s)
         if cancelled:
             self.log.warning("handlers_cancelled", count=cancelled)
+        await self._background.drain(0)
         await self._run_hooks(self._close_hooks, "close")
         if self._nc is not None:
             try:

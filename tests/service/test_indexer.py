@@ -1,0 +1,237 @@
+"""KV indexer against a real nats-server: events from the stream → overlap scores."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from tandem.protocol import Subjects
+from tandem.protocol.messages import (
+    Health,
+    HealthRequest,
+    InstanceInfo,
+    KvCleared,
+    KvEvent,
+    KvEventBatch,
+    KvEventData,
+    KvRemoved,
+    KvStored,
+    OverlapQuery,
+    OverlapScores,
+    StoredBlock,
+    encode,
+)
+from tandem.services.indexer import KvIndexer
+from tandem.services.runtime import NoRespondersError, ServiceBase, WorkerRegistration, connect, request
+
+
+async def eventually(cond: Callable[[], bool], limit_s: float = 3.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
+    client = await connect(nats_url, "test-indexer")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"ix{uuid.uuid4().hex[:8]}"
+
+
+class Indexers:
+    """Starts in-process indexers on one namespace and shuts them all down."""
+
+    def __init__(self, nats_url: str, ns: str) -> None:
+        self.nats_url = nats_url
+        self.ns = ns
+        self.started: list[ServiceBase] = []
+
+    async def start(self, **kwargs: float) -> KvIndexer:
+        svc = ServiceBase("indexer", nats_url=self.nats_url, namespace=self.ns, drain_timeout_s=2.0)
+        self.started.append(svc)
+        await svc.start()
+        kwargs.setdefault("stale_worker_s", 3600.0)
+        indexer = KvIndexer(svc, **kwargs)
+        await indexer.start()
+        await self._wait_for_interest(svc.subjects.indexer_overlap)
+        return indexer
+
+    async def _wait_for_interest(self, subject: str, limit_s: float = 3.0) -> None:
+        """Wait until ``subject`` has a responder as seen from another connection.
+
+        nats-server (2.15) may answer "no responders" to another connection's publish for about
+        a millisecond after a subscription was flushed.
+        """
+        client = await connect(self.nats_url, "test-indexer-probe")
+        try:
+            async with asyncio.timeout(limit_s):
+                while True:
+                    try:
+                        probe = OverlapQuery(request_id="probe", block_hashes=[])
+                        await request(client, subject, probe, OverlapScores, timeout=1)
+                        return
+                    except NoRespondersError:
+                        await asyncio.sleep(0.005)
+        finally:
+            await client.close()
+
+    async def close(self) -> None:
+        for svc in self.started:
+            await svc.shutdown()
+
+
+@pytest.fixture
+async def indexers(nats_url: str, ns: str) -> AsyncIterator[Indexers]:
+    ix = Indexers(nats_url, ns)
+    try:
+        yield ix
+    finally:
+        await ix.close()
+
+
+def stored(event_id: int, hashes: list[int], parent: int | None = None) -> KvEvent:
+    blocks = [StoredBlock(block_hash=h, tokens_hash=h + 1000) for h in hashes]
+    return KvEvent(event_id=event_id, data=KvStored(blocks=blocks, parent_hash=parent))
+
+
+def ev(event_id: int, data: KvEventData) -> KvEvent:
+    return KvEvent(event_id=event_id, data=data)
+
+
+async def publish_events(nc: NatsClient, ns: str, worker: str, *events: KvEvent) -> None:
+    await nc.jetstream().publish(
+        Subjects(ns).kv_events(worker), encode(KvEventBatch(worker_id=worker, events=list(events)))
+    )
+
+
+async def scores(nc: NatsClient, ns: str, hashes: list[int]) -> dict[str, int]:
+    r = await request(
+        nc,
+        Subjects(ns).indexer_overlap,
+        OverlapQuery(request_id="q", block_hashes=hashes),
+        OverlapScores,
+        timeout=2,
+    )
+    return r.scores
+
+
+async def test_events_to_overlap_scores(nc: NatsClient, ns: str, indexers: Indexers) -> None:
+    indexer = await indexers.start()
+    await publish_events(nc, ns, "wa", stored(0, [1, 2, 3]))
+    await publish_events(nc, ns, "wb", stored(0, [1, 2]), stored(1, [9], parent=2))
+    await eventually(lambda: indexer.events == 3)
+    assert await scores(nc, ns, [1, 2, 3, 4]) == {"wa": 3, "wb": 2}
+    assert await scores(nc, ns, [1, 2, 9]) == {"wa": 2, "wb": 3}
+    assert await scores(nc, ns, [7]) == {}
+
+    await publish_events(nc, ns, "wa", ev(1, KvRemoved(block_hashes=[3])))
+    await publish_events(nc, ns, "wb", ev(2, KvCleared()))
+    await eventually(lambda: indexer.events == 5)
+    assert await scores(nc, ns, [1, 2, 3]) == {"wa": 2}
+
+    h = await request(nc, Subjects(ns).health("indexer"), HealthRequest(), Health, timeout=2)
+    assert h.ready and h.service == "indexer"
+
+
+async def test_worker_leaving_registry_removes_its_blocks(
+    nc: NatsClient, ns: str, indexers: Indexers
+) -> None:
+    indexer = await indexers.start()
+    info = InstanceInfo(
+        instance_id="wgone",
+        role="both",
+        model="m",
+        block_size=16,
+        num_blocks=8,
+        block_nbytes=1,
+        compat_hash="c",
+        nixl_agent_name="a",
+        nixl_metadata=b"",
+        heartbeat_at=0.0,
+    )
+    reg = WorkerRegistration(nc.jetstream(), Subjects(ns), lambda: info, interval_s=0.2)
+    await reg.start()
+    try:
+        await eventually(lambda: "wgone" in indexer.registry)
+        await publish_events(nc, ns, "wgone", stored(0, [5, 6]))
+        await publish_events(nc, ns, "wstay", stored(0, [5]))
+        await eventually(lambda: indexer.events == 2)
+        assert await scores(nc, ns, [5, 6]) == {"wgone": 2, "wstay": 1}
+    finally:
+        await reg.stop()
+    await eventually(lambda: "wgone" not in indexer.tree.workers())
+    assert await scores(nc, ns, [5, 6]) == {"wstay": 1}
+    indexer.tree.check_integrity()
+
+
+async def test_unregistered_silent_worker_is_swept(nc: NatsClient, ns: str, indexers: Indexers) -> None:
+    indexer = await indexers.start(stale_worker_s=0.3, sweep_interval_s=0.1)
+    await publish_events(nc, ns, "ghost", stored(0, [1]))
+    await eventually(lambda: indexer.events == 1)
+    await eventually(lambda: "ghost" not in indexer.tree.workers(), limit_s=3)
+    assert await scores(nc, ns, [1]) == {}
+
+
+async def test_bad_payload_is_skipped_and_gap_logged(nc: NatsClient, ns: str, indexers: Indexers) -> None:
+    indexer = await indexers.start()
+    js = nc.jetstream()
+    with structlog.testing.capture_logs() as logs:
+        await js.publish(Subjects(ns).kv_events("wx"), b"\xc1garbage")
+        await publish_events(nc, ns, "wx", stored(0, [1]))
+        await publish_events(nc, ns, "wx", stored(3, [2], parent=1))  # ids 1 and 2 lost
+        await eventually(lambda: indexer.events == 2)
+    assert indexer.bad_payloads == 1
+    assert indexer.gaps == 1
+    assert any(e["event"] == "bad_kv_event_batch" for e in logs)
+    gap = [e for e in logs if e["event"] == "kv_event_gap"]
+    assert gap and gap[0]["expected"] == 1 and gap[0]["got"] == 3 and gap[0]["missed"] == 2
+    assert await scores(nc, ns, [1, 2]) == {"wx": 2}
+
+
+async def test_worker_restart_drops_its_old_blocks(nc: NatsClient, ns: str, indexers: Indexers) -> None:
+    indexer = await indexers.start()
+    await publish_events(nc, ns, "wr", stored(0, [1, 2]), stored(1, [3], parent=2))
+    await publish_events(nc, ns, "wr", stored(0, [7]))  # restarted: ids from 0, fresh pool
+    await eventually(lambda: indexer.events == 3)
+    assert indexer.restarts == 1
+    assert await scores(nc, ns, [1, 2]) == {}
+    assert await scores(nc, ns, [7]) == {"wr": 1}
+
+
+async def test_restart_rebuilds_from_stream(nc: NatsClient, ns: str, indexers: Indexers) -> None:
+    first = await indexers.start()
+    await publish_events(nc, ns, "w1", stored(0, [1, 2, 3]))
+    await publish_events(nc, ns, "w2", stored(0, [1]))
+    await publish_events(nc, ns, "w1", ev(1, KvRemoved(block_hashes=[3])))
+    await eventually(lambda: first.events == 3)
+    expected = await scores(nc, ns, [1, 2, 3])
+    assert expected == {"w1": 2, "w2": 1}
+    await indexers.started[0].shutdown()
+
+    second = await indexers.start()
+    await asyncio.wait_for(second.caught_up.wait(), 3)
+    assert second.events == 3
+    assert await scores(nc, ns, [1, 2, 3]) == expected
+    assert second.tree.num_blocks() == first.tree.num_blocks()
+
+    # Two replicas both see new events.
+    third = await indexers.start()
+    await asyncio.wait_for(third.caught_up.wait(), 3)
+    await publish_events(nc, ns, "w2", stored(1, [2], parent=1))
+    await eventually(lambda: second.events == 4 and third.events == 4)
+    assert second.tree.find_matches([1, 2]) == third.tree.find_matches([1, 2]) == {"w1": 2, "w2": 2}

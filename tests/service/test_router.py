@@ -1,0 +1,478 @@
+"""Prefill router against a real nats-server, with fake workers and a fake indexer served in-test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import nats.errors
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg as NatsMsg
+from nats.aio.subscription import Subscription
+
+from tandem.protocol import Subjects
+from tandem.protocol.messages import (
+    Ack,
+    Cancel,
+    DecodeRequest,
+    ErrorReply,
+    InstanceInfo,
+    KvTransferParams,
+    OverlapQuery,
+    OverlapScores,
+    PrefillRequest,
+    PrefillResult,
+    RouteRequest,
+    SamplingParams,
+    TokenChunk,
+    encode,
+)
+from tandem.services.router import PrefillRouter, RouterConfig
+from tandem.services.runtime import ServiceBase, ServiceError, TaskTracker, connect, ensure_jetstream, serve
+
+BLOCK = 4
+FIRST = 4242
+
+
+@dataclass
+class FakeWorker:
+    """Records what it receives; behaviour is configurable per test."""
+
+    id: str
+    role: str
+    prefills: list[PrefillRequest] = field(default_factory=list)
+    decodes: list[DecodeRequest] = field(default_factory=list)
+    cancels: list[Cancel] = field(default_factory=list)
+    prefill_hook: Callable[[PrefillRequest], Awaitable[PrefillResult | None]] | None = None
+    decode_error: ServiceError | None = None
+    compat: str = "c1"
+
+    def info(self) -> InstanceInfo:
+        return InstanceInfo(
+            instance_id=self.id,
+            role=self.role,  # type: ignore[arg-type]
+            model="m",
+            block_size=BLOCK,
+            num_blocks=1000,
+            block_nbytes=64,
+            compat_hash=self.compat,
+            nixl_agent_name=f"agent-{self.id}",
+            nixl_metadata=b"md",
+            heartbeat_at=time.time(),
+        )
+
+    def kv(self, req: PrefillRequest) -> KvTransferParams:
+        n = -(-len(req.token_ids) // BLOCK)
+        return KvTransferParams(
+            agent_name=f"agent-{self.id}",
+            agent_metadata=b"md",
+            block_ids=list(range(n)),
+            descriptors=[(1000 + 64 * i, 64, 0) for i in range(n)],
+            block_nbytes=64,
+            num_tokens=len(req.token_ids),
+            block_hashes=req.block_hashes,
+            compat_hash=self.compat,
+            expires_at=time.time() + 30,
+        )
+
+    async def on_prefill(self, req: PrefillRequest, _m: NatsMsg) -> PrefillResult:
+        self.prefills.append(req)
+        if self.prefill_hook is not None:
+            res = await self.prefill_hook(req)
+            if res is not None:
+                return res
+        return PrefillResult(
+            request_id=req.request_id,
+            worker_id=self.id,
+            first_token=FIRST,
+            cached_tokens=8,
+            prefill_ms=12.5,
+            kv=self.kv(req),
+        )
+
+    async def on_decode(self, req: DecodeRequest, _m: NatsMsg) -> Ack:
+        self.decodes.append(req)
+        if self.decode_error is not None:
+            raise self.decode_error
+        return Ack(request_id=req.request_id, worker_id=self.id)
+
+    async def on_cancel(self, msg: Cancel, _m: NatsMsg) -> None:
+        self.cancels.append(msg)
+
+
+class Env:
+    """One namespace: fake workers, a fake indexer, one router, a client connection."""
+
+    def __init__(self, nats_url: str, nc: NatsClient) -> None:
+        self.nats_url = nats_url
+        self.nc = nc
+        self.ns = f"rt{uuid.uuid4().hex[:8]}"
+        self.subjects = Subjects(self.ns)
+        self.tracker = TaskTracker()
+        self.subs: list[Subscription] = []
+        self.overlap: dict[str, int] = {}
+        self.svc: ServiceBase | None = None
+        self.router: PrefillRouter | None = None
+
+    async def add_worker(self, worker: FakeWorker) -> FakeWorker:
+        s = self.subjects
+        self.subs.append(
+            await serve(
+                self.nc, s.worker_prefill(worker.id), PrefillRequest, worker.on_prefill, tracker=self.tracker
+            )
+        )
+        self.subs.append(
+            await serve(
+                self.nc, s.worker_generate(worker.id), DecodeRequest, worker.on_decode, tracker=self.tracker
+            )
+        )
+        self.subs.append(
+            await serve(self.nc, s.worker_cancel(worker.id), Cancel, worker.on_cancel, tracker=self.tracker)
+        )
+        kv = await ensure_jetstream(self.nc.jetstream(), s)
+        await kv.put(worker.id, encode(worker.info()))
+        if self.router is not None:
+            await self.router.registry.wait_for(lambda d: worker.id in d, timeout=3)
+        return worker
+
+    async def start_router(self, **config: float) -> PrefillRouter:
+        async def overlap(q: OverlapQuery, _m: NatsMsg) -> OverlapScores:
+            return OverlapScores(request_id=q.request_id, scores=dict(self.overlap))
+
+        self.subs.append(
+            await serve(self.nc, self.subjects.indexer_overlap, OverlapQuery, overlap, tracker=self.tracker)
+        )
+        self.svc = ServiceBase("router", nats_url=self.nats_url, namespace=self.ns, drain_timeout_s=2.0)
+        await self.svc.start()
+        cfg = RouterConfig(**{"disagg_min_tokens": 8, "ack_timeout_s": 1.0, **config})  # type: ignore[arg-type]
+        self.router = PrefillRouter(self.svc, cfg)
+        await self.router.start()
+        await wait_for_interest(self.nc, self.subjects.router_generate)
+        return self.router
+
+    async def route(self, n_tokens: int, *, seed: int | None = None, request_id: str | None = None) -> Inbox:
+        inbox = Inbox(self.nc)
+        await inbox.start()
+        tokens = list(range(1, n_tokens + 1))
+        req = RouteRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            model="m",
+            token_ids=tokens,
+            block_hashes=[1000 + i for i in range(n_tokens // BLOCK)],
+            sampling=SamplingParams(max_tokens=4, seed=seed),
+            reply_to=inbox.subject,
+        )
+        inbox.request = req
+        await self.nc.publish(self.subjects.router_generate, encode(req), reply=inbox.subject)
+        return inbox
+
+    async def close(self) -> None:
+        if self.svc is not None:
+            await self.svc.shutdown()
+        for sub in self.subs:
+            await sub.unsubscribe()
+        await self.tracker.drain(1.0)
+
+
+class Inbox:
+    """The frontend's side: collects what arrives on ``reply_to``."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+        self.subject = nc.new_inbox()
+        self.items: list[TokenChunk | ErrorReply] = []
+        self.request: RouteRequest | None = None
+        self.statuses: list[str] = []
+        self._sub: Subscription | None = None
+        self._dec = msgspec.msgpack.Decoder(TokenChunk | ErrorReply)
+
+    async def start(self) -> None:
+        async def cb(msg: NatsMsg) -> None:
+            if not msg.data:  # a NATS status message (e.g. no responders)
+                self.statuses.append(msg.headers.get("Status", "") if msg.headers else "")
+                return
+            self.items.append(self._dec.decode(msg.data))
+
+        self._sub = await self.nc.subscribe(self.subject, cb=cb)
+
+    async def wait(self, n: int = 1, limit_s: float = 3.0) -> list[TokenChunk | ErrorReply]:
+        await eventually(lambda: len(self.items) >= n, limit_s)
+        return self.items
+
+
+async def wait_for_interest(nc: NatsClient, subject: str, limit_s: float = 3.0) -> None:
+    """Wait until a request on ``subject`` from ``nc`` finds a responder.
+
+    nats-server (2.15) may answer "no responders" to another connection's publish for about a
+    millisecond after a subscription was flushed (seen in ~4% of immediate tries).
+    """
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            await nc.request(subject, b"", timeout=1)  # empty payload: the router answers 400
+            return
+        except nats.errors.NoRespondersError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.005)
+
+
+async def eventually(cond: Callable[[], bool], limit_s: float = 3.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
+    client = await connect(nats_url, "test-router")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def env(nats_url: str, nc: NatsClient) -> AsyncIterator[Env]:
+    e = Env(nats_url, nc)
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+async def test_disaggregated_path(env: Env) -> None:
+    p = await env.add_worker(FakeWorker("p1", "prefill"))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    await env.start_router()
+    inbox = await env.route(40)
+    [chunk] = await inbox.wait(1)
+    await eventually(lambda: len(d.decodes) == 1)
+
+    assert isinstance(chunk, TokenChunk)
+    assert chunk.index == 0 and chunk.token_ids == [FIRST] and chunk.worker_id == "p1"
+    assert chunk.finish_reason is None and chunk.error is None
+    [pre] = p.prefills
+    [dec] = d.decodes
+    assert inbox.request is not None
+    assert pre.token_ids == inbox.request.token_ids
+    assert pre.sampling.seed is not None  # the router assigned one ...
+    assert dec.sampling.seed == pre.sampling.seed  # ... and both sides use it
+    assert dec.kv is not None and dec.kv.agent_name == "agent-p1" and dec.kv.num_tokens == 40
+    assert dec.first_token == FIRST and dec.prefill_worker_id == "p1"
+    assert dec.reply_to == inbox.subject
+    assert dec.metrics.prefill_worker == "p1" and dec.metrics.cached_tokens == 8
+    assert dec.metrics.prefill_ms == 12.5
+    assert p.cancels == []
+    await asyncio.sleep(0.05)
+    assert len(inbox.items) == 1  # the rest comes from the decode worker
+
+
+async def test_seed_is_kept_when_given(env: Env) -> None:
+    p = await env.add_worker(FakeWorker("p1", "prefill"))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    await env.start_router()
+    await env.route(40, seed=7)
+    await eventually(lambda: len(d.decodes) == 1)
+    assert p.prefills[0].sampling.seed == 7 == d.decodes[0].sampling.seed
+
+
+async def test_short_prompt_goes_straight_to_decode(env: Env) -> None:
+    p = await env.add_worker(FakeWorker("p1", "prefill"))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    await env.start_router(disagg_min_tokens=64)
+    inbox = await env.route(20)
+    await eventually(lambda: len(d.decodes) == 1)
+    dec = d.decodes[0]
+    assert dec.kv is None and dec.first_token is None and dec.prefill_worker_id is None
+    assert dec.sampling.seed is not None
+    assert p.prefills == []
+    await asyncio.sleep(0.05)
+    assert inbox.items == []  # the decode worker emits chunk 0 itself
+
+
+async def test_cached_prompt_stays_local(env: Env) -> None:
+    """Uncached tokens, not prompt length, decide: a mostly cached long prompt is not disaggregated."""
+    p = await env.add_worker(FakeWorker("p1", "prefill"))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    env.overlap = {"d1": 9}  # 36 of 40 tokens cached on the decode worker
+    await env.start_router(disagg_min_tokens=8)
+    await env.route(40)
+    await eventually(lambda: len(d.decodes) == 1)
+    assert d.decodes[0].kv is None and p.prefills == []
+
+
+async def test_only_both_workers_means_aggregated(env: Env) -> None:
+    b = await env.add_worker(FakeWorker("b1", "both"))
+    await env.start_router()
+    await env.route(40)
+    await eventually(lambda: len(b.decodes) == 1)
+    assert b.decodes[0].kv is None and b.prefills == []
+
+
+async def test_prefill_picks_worker_with_most_overlap(env: Env) -> None:
+    p1 = await env.add_worker(FakeWorker("p1", "prefill"))
+    p2 = await env.add_worker(FakeWorker("p2", "prefill"))
+    p3 = await env.add_worker(FakeWorker("p3", "prefill"))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    env.overlap = {"p1": 2, "p2": 6, "p3": 4}
+    await env.start_router()
+    for n in range(1, 6):  # one at a time: no in-flight load to spread
+        await env.route(40)
+        await eventually(lambda n=n: len(d.decodes) == n)
+    assert len(p2.prefills) == 5 and p1.prefills == [] and p3.prefills == []
+    assert all(dec.prefill_worker_id == "p2" for dec in d.decodes)
+
+
+async def test_prefill_load_spreads_concurrent_requests(env: Env) -> None:
+    release = asyncio.Event()
+
+    async def hold(_req: PrefillRequest) -> None:
+        await release.wait()
+
+    p1 = await env.add_worker(FakeWorker("p1", "prefill", prefill_hook=hold))
+    p2 = await env.add_worker(FakeWorker("p2", "prefill", prefill_hook=hold))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    await env.start_router()
+    for _ in range(4):
+        await env.route(40)
+    await eventually(lambda: len(p1.prefills) + len(p2.prefills) == 4)
+    assert len(p1.prefills) == 2 and len(p2.prefills) == 2  # in-flight blocks count as load
+    release.set()
+    await eventually(lambda: len(d.decodes) == 4)
+
+
+async def test_prefill_error_gives_error_chunk(env: Env) -> None:
+    async def fail(_req: PrefillRequest) -> None:
+        raise ServiceError(400, "prompt too long", type="invalid_request_error")
+
+    await env.add_worker(FakeWorker("p1", "prefill", prefill_hook=fail))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    await env.start_router()
+    inbox = await env.route(40)
+    [chunk] = await inbox.wait(1)
+    assert isinstance(chunk, TokenChunk)
+    assert chunk.index == 0 and chunk.finish_reason == "error"
+    assert chunk.error is not None and chunk.error.code == 400 and "prompt too long" in chunk.error.message
+    assert d.decodes == []
+
+
+async def test_prefill_timeout_gives_504_and_frees(env: Env) -> None:
+    async def slow(_req: PrefillRequest) -> None:
+        await asyncio.sleep(1.0)
+
+    p = await env.add_worker(FakeWorker("p1", "prefill", prefill_hook=slow))
+    await env.add_worker(FakeWorker("d1", "decode"))
+    await env.start_router(prefill_timeout_s=0.2)
+    inbox = await env.route(40)
+    [chunk] = await inbox.wait(1)
+    assert isinstance(chunk, TokenChunk) and chunk.error is not None and chunk.error.code == 504
+    await eventually(lambda: len(p.cancels) == 1)  # it may still pin KV: told to free it
+
+
+async def test_decode_refusal_after_first_token_frees_prefill(env: Env) -> None:
+    p = await env.add_worker(FakeWorker("p1", "prefill"))
+    await env.add_worker(
+        FakeWorker("d1", "decode", decode_error=ServiceError(409, "compat hash mismatch", type="conflict"))
+    )
+    await env.start_router()
+    inbox = await env.route(40)
+    first, err = await inbox.wait(2)
+    assert isinstance(first, TokenChunk) and first.index == 0 and first.token_ids == [FIRST]
+    assert isinstance(err, TokenChunk) and err.index == 1 and err.finish_reason == "error"
+    assert err.error is not None and err.error.code == 409
+    await eventually(lambda: len(p.cancels) == 1)
+    assert p.cancels[0].request_id == first.request_id
+
+
+async def test_prefill_finishing_the_request_sends_final_chunk(env: Env) -> None:
+    async def finish(req: PrefillRequest) -> PrefillResult:
+        return PrefillResult(
+            request_id=req.request_id,
+            worker_id="p1",
+            first_token=2,
+            cached_tokens=0,
+            prefill_ms=3.0,
+            finish_reason="stop",
+        )
+
+    await env.add_worker(FakeWorker("p1", "prefill", prefill_hook=finish))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    await env.start_router()
+    inbox = await env.route(40)
+    [chunk] = await inbox.wait(1)
+    assert isinstance(chunk, TokenChunk)
+    assert chunk.finish_reason == "stop" and chunk.token_ids == [2]
+    assert (
+        chunk.metrics is not None and chunk.metrics.prefill_worker == "p1" and chunk.metrics.prefill_ms == 3.0
+    )
+    await asyncio.sleep(0.05)
+    assert d.decodes == []
+
+
+async def test_cancel_during_prefill_is_not_forwarded(env: Env) -> None:
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(_req: PrefillRequest) -> None:
+        entered.set()
+        await release.wait()
+
+    p = await env.add_worker(FakeWorker("p1", "prefill", prefill_hook=hold))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    await env.start_router()
+    inbox = await env.route(40, request_id="rq-cancel")
+    await asyncio.wait_for(entered.wait(), 3)
+    await env.nc.publish(env.subjects.cancel, encode(Cancel(request_id="rq-cancel")))
+    await env.nc.flush()
+    await asyncio.sleep(0.05)
+    release.set()
+    await eventually(lambda: len(p.cancels) == 1)  # pinned KV freed
+    assert p.cancels[0].request_id == "rq-cancel"
+    await asyncio.sleep(0.05)
+    assert d.decodes == [] and inbox.items == []
+
+
+async def test_no_workers_gives_503_chunk(env: Env) -> None:
+    await env.start_router()
+    inbox = await env.route(40)
+    [chunk] = await inbox.wait(1)
+    assert isinstance(chunk, TokenChunk) and chunk.finish_reason == "error"
+    assert chunk.error is not None and chunk.error.code == 503
+
+
+async def test_prefill_only_workers_give_503_chunk(env: Env) -> None:
+    p = await env.add_worker(FakeWorker("p1", "prefill"))
+    await env.start_router()
+    inbox = await env.route(40)
+    [chunk] = await inbox.wait(1)
+    assert isinstance(chunk, TokenChunk) and chunk.error is not None and chunk.error.code == 503
+    assert p.prefills == []
+
+
+async def test_dead_decode_worker_is_skipped(env: Env) -> None:
+    await env.add_worker(FakeWorker("p1", "prefill"))
+    d1 = await env.add_worker(FakeWorker("d1", "decode"))
+    # Registered, but nothing serves its subjects (it died since its last heartbeat).
+    kv = await ensure_jetstream(env.nc.jetstream(), env.subjects)
+    ghost = FakeWorker("d0", "decode")
+    await kv.put(ghost.id, encode(ghost.info()))
+    router = await env.start_router()
+    await router.registry.wait_for(lambda d: "d0" in d and "d1" in d, timeout=3)
+    for _ in range(4):
+        await env.route(40)
+    await eventually(lambda: len(d1.decodes) == 4)
+
+
+async def test_bad_route_request_gets_400(env: Env) -> None:
+    await env.start_router()
+    resp = await env.nc.request(env.subjects.router_generate, b"\x93\x01\x02\x03", timeout=2)
+    err = msgspec.msgpack.decode(resp.data, type=ErrorReply)
+    assert err.code == 400
