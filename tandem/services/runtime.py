@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -185,7 +185,9 @@ def setup_logging(service: str, level: str = "info") -> None:
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
 
-    def add_service(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    def add_service(
+        _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
         event_dict.setdefault("service", service)
         return event_dict
 
@@ -511,7 +513,7 @@ async def request(
         if isinstance(reply, ErrorReply):
             span.set_status(Status(StatusCode.ERROR, reply.message))
             raise RemoteError.from_reply(reply)
-        return reply  # type: ignore[no-any-return]
+        return reply
 
 
 async def publish(nc: NatsClient, subject: str, msg: Message, headers: dict[str, str] | None = None) -> None:

@@ -326,7 +326,7 @@ async def test_prefill_picks_worker_with_most_overlap(env: Env) -> None:
     await env.start_router()
     for n in range(1, 6):  # one at a time: no in-flight load to spread
         await env.route(40)
-        await eventually(lambda n=n: len(d.decodes) == n)
+        await eventually(lambda: len(d.decodes) == n)  # noqa: B023 (awaited inside the iteration)
     assert len(p2.prefills) == 5 and p1.prefills == [] and p3.prefills == []
     assert all(dec.prefill_worker_id == "p2" for dec in d.decodes)
 
