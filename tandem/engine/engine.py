@@ -1,0 +1,352 @@
+"""LLMEngine: requests in, tokens out, one :meth:`LLMEngine.step` at a time.
+
+The engine glues the :class:`~tandem.engine.scheduler.Scheduler` (which tokens to compute),
+the :class:`~tandem.engine.runner.ModelRunner` (model + KV cache tensor) and the
+:class:`~tandem.kvbm.manager.KvCacheManager` (block tables, prefix cache, KV events). It knows
+nothing about NATS or NIXL: a worker service drives it from one dedicated thread (the engine is
+not thread-safe) and moves KV bytes itself between :meth:`LLMEngine.import_request` and
+:meth:`LLMEngine.activate_imported`.
+
+Three ways in:
+
+* :meth:`LLMEngine.add_request` — prefill locally and generate until a stop.
+* ``add_request(..., prefill_only=True)`` — the prefill side of disaggregation: prefill, sample
+  the first token, then hand the prompt's KV blocks over pinned (``pinned_block_ids``) until
+  :meth:`LLMEngine.release_pinned`.
+* :meth:`LLMEngine.import_request` + :meth:`LLMEngine.activate_imported` — the decode side:
+  allocate blocks, let the caller fill them (NIXL READ), then continue from the first token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Sequence as SequenceT
+from dataclasses import dataclass
+
+import msgspec
+
+from tandem.engine.config import EngineConfig, ModelConfig
+from tandem.engine.model import LlamaForCausalLM
+from tandem.engine.runner import ModelRunner
+from tandem.engine.sampling import validate_sampling
+from tandem.engine.scheduler import Scheduler, Sequence
+from tandem.kvbm.hashing import compute_block_hashes
+from tandem.kvbm.manager import KvCacheManager
+from tandem.protocol import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request.
+
+    Attributes:
+        request_id: the request.
+        new_token_ids: tokens sampled this step (0 or 1 of them).
+        finish_reason: ``"stop"`` (a stop token, included in ``new_token_ids``), ``"length"``
+            (``max_tokens`` new tokens or ``max_model_len``), ``"abort"``; None while running,
+            and None on the last output of a ``prefill_only`` request whose KV is handed over.
+        num_cached_tokens: prompt tokens that came from the prefix cache (or were imported).
+        prefill_ms: wall time of the steps that computed the prompt, up to and including the
+            one that sampled the first token (ms; 0 for imported requests).
+        pinned_block_ids: for a ``prefill_only`` request that did not finish on its first token:
+            the block ids (token order) holding the prompt's KV, pinned until
+            :meth:`LLMEngine.release_pinned`. None otherwise.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+    prefill_ms: float = 0.0
+    pinned_block_ids: list[int] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True on a request's last output (finished, aborted, or handed over pinned)."""
+        return self.finish_reason is not None or self.pinned_block_ids is not None
+
+
+class LLMEngine:
+    """One model, one KV cache, continuous batching. Single-threaded: callers serialize calls.
+
+    Args:
+        config: engine settings.
+        model: an already-loaded model to share (tests); default loads ``config.model_dir``.
+
+    Attributes:
+        model_config: the model's architecture.
+        kv_cache: ``(num_blocks, L, 2, block_size, Hkv, D)`` tensor (what NIXL registers).
+        kv: the block manager (``kv.take_events()`` drains KV events; ``kv.stats()``).
+        block_nbytes: bytes of one KV block (all layers, K and V).
+        eos_token_id: the model's end-of-sequence token.
+        max_model_len: longest sequence, prompt + output (tokens).
+    """
+
+    def __init__(self, config: EngineConfig, *, model: LlamaForCausalLM | None = None) -> None:
+        self.config = config
+        self.model_config = ModelConfig.load(config.model_dir)
+        self.block_size = config.block_size
+        self.max_model_len = config.resolve_max_model_len(self.model_config)
+        num_blocks = config.resolve_num_blocks(self.model_config)
+        self.runner = ModelRunner(config, self.model_config, num_blocks, model=model)
+        self.kv_cache = self.runner.kv_cache
+        self.block_nbytes = config.block_nbytes(self.model_config)
+        self.eos_token_id = self.model_config.eos_token_id
+        self.kv = KvCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+        )
+        self._pending: list[RequestOutput] = []  # outputs produced between steps (aborts)
+        self._import_first_token: dict[str, int] = {}
+        self._rng = random.Random()
+        self._ids = itertools.count()
+        self.last_step_tokens = 0  # tokens computed by the last step (0 = nothing could run)
+
+    # ---- requests in ---------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        token_ids: SequenceT[int],
+        sampling: SamplingParams,
+        *,
+        block_hashes: SequenceT[int] | None = None,
+        prefill_only: bool = False,
+    ) -> None:
+        """Queue a request for local prefill and generation.
+
+        Args:
+            request_id: unique among unfinished requests.
+            token_ids: the prompt (tokens), non-empty, ids in ``[0, vocab_size)``.
+            sampling: sampling and stopping; ``seed=None`` gets a random seed here.
+            block_hashes: sequence hashes of (a prefix of) the prompt's full blocks, if the
+                caller has them; checked against ``token_ids``.
+            prefill_only: stop after the first token and pin the prompt's KV blocks.
+
+        Raises:
+            ValueError: empty/too long prompt, bad token ids, bad sampling, wrong block hashes,
+                a request that can never fit the KV pool, or a duplicate ``request_id``.
+        """
+        seq = self._new_sequence(request_id, token_ids, sampling, block_hashes, prefill_only)
+        self.scheduler.add(seq)
+
+    def import_request(
+        self,
+        request_id: str,
+        token_ids: SequenceT[int],
+        first_token: int,
+        sampling: SamplingParams,
+        block_hashes: SequenceT[int] | None,
+    ) -> tuple[list[int], int] | None:
+        """Step 1 of a remotely prefilled request: allocate blocks for its prompt.
+
+        Args:
+            token_ids: the prompt (tokens); ``first_token`` was sampled by the prefill worker.
+
+        Returns:
+            ``(block_table, num_reused_blocks)``: ``ceil(len(token_ids) / block_size)`` block ids
+            in token order, the first ``num_reused_blocks`` already holding the right KV (prefix
+            cache); the caller fills ``block_table[num_reused_blocks:]`` with the prefill
+            worker's KV, then calls :meth:`activate_imported` (or :meth:`abort`). None if not
+            enough blocks are free right now (nothing changed; retry later).
+
+        Raises:
+            ValueError: as :meth:`add_request`, or a bad ``first_token``.
+        """
+        self._check_token_ids([first_token])
+        seq = self._new_sequence(request_id, token_ids, sampling, block_hashes, False)
+        got = self.scheduler.add_imported(seq)
+        if got is not None:
+            self._import_first_token[request_id] = first_token
+        return got
+
+    def activate_imported(self, request_id: str) -> None:
+        """Step 2: the KV is in place. Register the prompt's blocks in the prefix cache (KV events
+        flow) and queue the request to decode from ``first_token``.
+
+        If ``first_token`` already ends the request (stop token, ``max_tokens == 1``), it
+        finishes at once: the next :meth:`step` reports the finish reason with no new tokens.
+        Raises ``KeyError`` if ``request_id`` is not being imported.
+        """
+        first_token = self._import_first_token.pop(request_id)
+        seq = self.scheduler.activate(request_id, first_token)
+        self.kv.commit(request_id, seq.token_ids, seq.num_computed_tokens)
+        reason = self._stop_reason(seq, first_token)
+        if reason is not None:
+            self.scheduler.abort(request_id)  # frees its blocks (now cached)
+            seq.finish_reason = reason
+            self._pending.append(self._output(seq, [], reason))
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request in any state (waiting, running, importing) and free its blocks.
+
+        The next :meth:`step` reports it with ``finish_reason="abort"``. Returns False if the
+        request is unknown or already finished (pinned blocks are released with
+        :meth:`release_pinned`, not here).
+        """
+        self._import_first_token.pop(request_id, None)
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return False
+        self._pending.append(self._output(seq, [], "abort"))
+        return True
+
+    def release_pinned(self, request_id: str) -> None:
+        """Release the blocks a ``prefill_only`` request pinned (transfer done or expired).
+
+        Idempotent: releasing twice, or an id with nothing pinned, does nothing.
+        """
+        self.kv.unpin(request_id, missing_ok=True)
+
+    # ---- running -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report.
+
+        Returns one :class:`RequestOutput` per request that sampled a token this step (plus any
+        aborted/finished-on-activation since the last step). Finished requests' blocks are
+        freed (still cached for prefix hits); newly full blocks are committed to the prefix
+        cache, which queues KV events in ``kv``. Returns ``[]`` when nothing can run.
+        """
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        self.last_step_tokens = sched.num_batched_tokens
+        if sched.is_empty:
+            return outputs
+        t0 = time.perf_counter()
+        tokens = self.runner.execute(sched, self.kv)
+        step_ms = (time.perf_counter() - t0) * 1e3
+        for item, token in zip(sched.scheduled, tokens, strict=True):
+            seq = item.seq
+            if seq.num_output_tokens == 0:  # still computing the prompt
+                seq.prefill_ms += step_ms
+            if token is not None:
+                seq.token_ids.append(token)
+        self.scheduler.commit(sched)  # num_computed_tokens advances; full blocks registered
+
+        for item, token in zip(sched.scheduled, tokens, strict=True):
+            if token is None:
+                continue
+            seq = item.seq
+            reason = self._stop_reason(seq, token)
+            if seq.prefill_only and reason is None:
+                pinned = self.scheduler.finish(seq, None, pin=True)
+                outputs.append(self._output(seq, [token], None, pinned))
+            else:
+                if reason is not None:
+                    self.scheduler.finish(seq, reason)
+                outputs.append(self._output(seq, [token], reason))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        """True while some request is waiting or running, or an output is pending.
+
+        Importing requests do not count: there is nothing to step until they are activated.
+        """
+        return self.scheduler.has_work() or bool(self._pending)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Waiting (incl. preempted) plus importing requests."""
+        return len(self.scheduler.waiting) + len(self.scheduler.importing)
+
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]
+    ) -> list[list[int]]:
+        """Generate for every prompt (in-process convenience); returns the new tokens of each.
+
+        Loops :meth:`step` until these requests finish. Raises ``ValueError`` like
+        :meth:`add_request`, ``RuntimeError`` if nothing can run (blocks held by pinned or
+        importing requests that nobody releases).
+        """
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        ids = [f"generate-{next(self._ids)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params, strict=True):
+            self.add_request(rid, prompt, p)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        done: set[str] = set()
+        while len(done) < len(ids):
+            outputs = self.step()
+            for out in outputs:
+                if out.request_id in results:
+                    results[out.request_id].extend(out.new_token_ids)
+                    if out.finished:
+                        done.add(out.request_id)
+            if not outputs and self.last_step_tokens == 0:
+                for rid in ids:
+                    self.abort(rid)
+                self._pending.clear()
+                raise RuntimeError("generate: no request can run (KV blocks are pinned or importing)")
+        return [results[rid] for rid in ids]
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _new_sequence(
+        self,
+        request_id: str,
+        token_ids: SequenceT[int],
+        sampling: SamplingParams,
+        block_hashes: SequenceT[int] | None,
+        prefill_only: bool,
+    ) -> Sequence:
+        """Validate a request and build its :class:`Sequence` (``ValueError`` on bad input)."""
+        if self.scheduler.get(request_id) is not None:
+            raise ValueError(f"request {request_id!r} already exists")
+        tokens = list(token_ids)
+        if not tokens:
+            raise ValueError("prompt is empty")
+        self._check_token_ids(tokens)
+        validate_sampling(sampling)
+        self.scheduler.check_fits(len(tokens), sampling.max_tokens, prefill_only)
+        hashes = compute_block_hashes(tokens, self.block_size)
+        if block_hashes is not None and list(block_hashes) != hashes[: len(block_hashes)]:
+            raise ValueError(
+                "block_hashes do not match the prompt's tokens "
+                f"(block size {self.block_size}, {len(hashes)} full blocks)"
+            )
+        if sampling.seed is None:
+            sampling = msgspec.structs.replace(sampling, seed=self._rng.getrandbits(63))
+        stop = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stop.add(self.eos_token_id)
+        return Sequence(
+            request_id,
+            tokens,
+            sampling,
+            hashes,
+            prefill_only=prefill_only,
+            stop_token_ids=frozenset(stop),
+        )
+
+    def _check_token_ids(self, token_ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        if not all(type(t) is int for t in token_ids) or min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"token ids must be ints in [0, {vocab})")
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        if token in seq.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def _output(
+        seq: Sequence, new_token_ids: list[int], reason: str | None, pinned: list[int] | None = None
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_token_ids,
+            finish_reason=reason,
+            num_cached_tokens=seq.num_cached_tokens,
+            prefill_ms=seq.prefill_ms,
+            pinned_block_ids=pinned,
+        )

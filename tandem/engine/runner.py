@@ -1,0 +1,103 @@
+"""ModelRunner: owns the model and the KV cache tensor; runs one scheduled step.
+
+A step is one forward pass over a *varlen* batch: the scheduled tokens of every sequence,
+flattened in :class:`~tandem.engine.scheduler.SchedulerOutput` order. Logits are computed only
+for the last token of sequences whose chunk reaches the end of their tokens (decodes and final
+prefill chunks); a non-final prefill chunk only fills the KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.engine.config import EngineConfig, ModelConfig
+from tandem.engine.model import LlamaForCausalLM, allocate_kv_cache, build_attention_metadata, resolve_dtype
+from tandem.engine.sampling import sample
+from tandem.engine.scheduler import SchedulerOutput
+from tandem.engine.weights import load_model
+from tandem.kvbm.manager import KvCacheManager
+
+
+class ModelRunner:
+    """Loads the model, allocates the KV cache and executes scheduled steps.
+
+    Args:
+        config: engine settings (model_dir, dtype, device, block_size, num_threads).
+        model_config: the model's architecture.
+        num_blocks: KV blocks to allocate (blocks).
+        model: an already-built model to use instead of loading ``config.model_dir`` (tests).
+
+    Attributes:
+        model: the :class:`LlamaForCausalLM`.
+        kv_cache: ``(num_blocks, L, 2, block_size, Hkv, D)`` in the model dtype, on ``device``.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        num_blocks: int,
+        model: LlamaForCausalLM | None = None,
+    ) -> None:
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype)
+        self.block_size = config.block_size
+        self.model: LlamaForCausalLM = (
+            model if model is not None else load_model(config.model_dir, self.dtype, self.device)
+        )
+        self.kv_cache = allocate_kv_cache(
+            model_config, num_blocks, config.block_size, self.dtype, self.device
+        )
+
+    def execute(self, out: SchedulerOutput, kv: KvCacheManager) -> list[int | None]:
+        """Run the model on ``out`` and sample.
+
+        Args:
+            out: a non-empty schedule; every sequence must own blocks for ``start + num_tokens``
+                tokens in ``kv``.
+            kv: the manager holding the sequences' block tables.
+
+        Returns:
+            One entry per ``out.scheduled`` item: the sampled token id if the item samples,
+            else None. Nothing in the sequences is modified.
+
+        Raises:
+            ValueError: the schedule is empty.
+        """
+        if out.is_empty:
+            raise ValueError("nothing scheduled")
+        input_ids: list[int] = []
+        for item in out.scheduled:
+            input_ids.extend(item.seq.token_ids[item.start : item.start + item.num_tokens])
+        positions, attn = build_attention_metadata(
+            [kv.block_table(item.seq.request_id) for item in out.scheduled],
+            [item.start for item in out.scheduled],
+            [item.num_tokens for item in out.scheduled],
+            self.block_size,
+            self.device,
+        )  # positions (T,), attn per sequence
+        # Row of the last token of every sampling sequence in the flattened batch.
+        rows: list[int] = []
+        end = 0
+        for item in out.scheduled:
+            end += item.num_tokens
+            if item.samples:
+                rows.append(end - 1)
+
+        with torch.inference_mode():
+            ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)  # (T,)
+            hidden = self.model.forward(ids, positions, self.kv_cache, attn)  # (T, E)
+            if not rows:
+                return [None] * len(out.scheduled)
+            row_idx = torch.tensor(rows, dtype=torch.int64, device=self.device)  # (N,)
+            logits = self.model.compute_logits(hidden[row_idx]).cpu()  # (N, V) fp32
+            samplers = [item for item in out.scheduled if item.samples]
+            tokens = sample(
+                logits,
+                [item.seq.sampling for item in samplers],
+                [item.start + item.num_tokens for item in samplers],  # position of the new token
+            )
+        it = iter(tokens)
+        return [next(it) if item.samples else None for item in out.scheduled]
