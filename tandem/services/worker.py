@@ -118,8 +118,6 @@ T = TypeVar("T")
 NOTIF_POLL_BUSY_S = 0.001
 #: ... and when nothing is pending (it still drains stray notifications) (s).
 NOTIF_POLL_IDLE_S = 0.05
-#: A step faster than this that produced nothing while work is queued counts as stalled (s).
-IDLE_STEP_S = 0.002
 #: How long the engine loop waits before retrying a stalled step, unless woken earlier (s).
 STALLED_BACKOFF_S = 0.005
 
@@ -423,28 +421,28 @@ class Worker:
             with contextlib.suppress(RuntimeError):  # loop already closed (teardown)
                 loop.call_soon_threadsafe(self._events_q.put_nowait, events)
 
-    def _step_job(self) -> tuple[list[RequestOutput], bool, Any]:
+    def _step_job(self) -> tuple[list[RequestOutput], bool, bool, Any]:
+        """One engine step: (outputs, has more work, computed anything, pool stats)."""
         engine = self.engine
         if engine is None:
             raise RuntimeError("worker not started")
         outputs = engine.step()
-        return outputs, engine.has_unfinished(), engine.kv.stats()
+        return outputs, engine.has_unfinished(), engine.last_step_tokens > 0, engine.kv.stats()
 
     async def _engine_loop(self) -> None:
         """Step the engine while it has work; sleep on ``_wake`` when idle."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            t0 = time.perf_counter()
             try:
-                outputs, more, stats = await self._on_engine(self._step_job)
+                outputs, more, progressed, stats = await self._on_engine(self._step_job)
             except Exception as exc:
                 self.log.exception("engine_step_failed", error=repr(exc))
                 await self._fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
                 continue
             self._last_stats = stats
             if more:
-                if not outputs and time.perf_counter() - t0 < IDLE_STEP_S:
+                if not outputs and not progressed:
                     # Work exists but nothing could run (e.g. waiting for pinned or importing
                     # blocks): back off instead of spinning; new work or a release wakes us.
                     with contextlib.suppress(TimeoutError):
