@@ -668,6 +668,8 @@ class Worker:
             if problem:
                 return ErrorReply(code=400, message=problem, request_id=rid)
         metrics = msgspec.structs.replace(req.metrics, decode_worker=self.id)
+        if kv is not None and not metrics.prefill_worker and req.prefill_worker_id:
+            metrics.prefill_worker = req.prefill_worker_id
         st = _DecodeStream(rid, req.reply_to, next_index=0 if kv is None else 1, metrics=metrics)
         self._streams[rid] = st
         self._spawn(self._run_decode(st, req), f"decode:{rid}")
@@ -767,18 +769,26 @@ class Worker:
             await self._finish(st, "error", error=err)
             return
         try:
-            # Also sends the notification when there is nothing to read (all blocks reused).
-            moved = await agent.read_blocks(
-                kv.agent_name,
-                kv.agent_metadata,
-                kv.descriptors[reused:],
-                table[reused:],
-                notif,
-                timeout_s=self.opts.transfer_timeout_s,
-            )
+            if kv.agent_name == agent.name:
+                # Prefilled by this very worker (role both): copy between our own blocks.
+                moved = await self._on_engine(self._copy_blocks, kv.block_ids[reused:], table[reused:])
+                if self._pending.pop(rid, None) is not None:
+                    self._spawn(self._release_pinned(rid), f"release:{rid}")
+            else:
+                # Also sends the notification when there is nothing to read (all blocks reused).
+                moved = await agent.read_blocks(
+                    kv.agent_name,
+                    kv.agent_metadata,
+                    kv.descriptors[reused:],
+                    table[reused:],
+                    notif,
+                    timeout_s=self.opts.transfer_timeout_s,
+                )
         except (KvTransferError, ValueError, IndexError) as exc:
             self.log.warning("kv_transfer_failed", request_id=rid, error=str(exc))
             await self._abort_quietly(rid)
+            if kv.agent_name != agent.name:
+                await self._notify_quietly(kv, notif)  # let the prefill side free early
             err = ErrorReply(
                 code=502, message=f"KV transfer failed: {exc}", request_id=rid, type="kv_transfer"
             )
@@ -797,6 +807,21 @@ class Worker:
         st.state = "running"
         await self._on_engine(engine.activate_imported, rid)
         self._wake.set()
+
+    def _copy_blocks(self, src: list[int], dst: list[int]) -> KvTransferStats:
+        """On the engine thread: copy KV blocks ``src`` to ``dst`` inside our own cache."""
+        import torch
+
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("worker not started")
+        if any(not 0 <= b < self.num_blocks for b in src):
+            raise IndexError("kv.block_ids outside this worker's pool")
+        t0 = time.perf_counter()
+        if src:
+            engine.kv_cache[torch.tensor(dst)] = engine.kv_cache[torch.tensor(src)]
+        ms = (time.perf_counter() - t0) * 1e3
+        return KvTransferStats(blocks=len(src), bytes=len(src) * self.block_nbytes, ms=ms)
 
     async def _notify_quietly(self, kv: KvTransferParams, notif: bytes) -> None:
         """Tell the prefill worker it may free its pinned blocks (nothing will be READ)."""

@@ -120,13 +120,19 @@ def worker_cmd(role: str, iid: str, nats_url: str, ns: str, model_dir: Path) -> 
     ]
 
 
+def start_worker(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a worker process with stdout and stderr going to ``log``."""
+    env = {**os.environ, "NIXL_LOG_LEVEL": "WARN"}
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
 @pytest.fixture(scope="module")
 def topology(nats_url: str, model_dir: Path) -> Iterator[Topology]:
     """Start the two workers; at teardown SIGTERM them and require exit code 0."""
     ns = f"tw{uuid.uuid4().hex[:6]}"
     suffix = uuid.uuid4().hex[:4]
     ids = {"prefill": f"p-{suffix}", "decode": f"d-{suffix}"}
-    env = {**os.environ, "NIXL_LOG_LEVEL": "WARN"}
     tmp = Path(tempfile.mkdtemp(prefix="tandem-worker-test-"))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
@@ -144,8 +150,7 @@ def topology(nats_url: str, model_dir: Path) -> Iterator[Topology]:
                 "--drain-timeout-s",
                 "5",
             ]
-            with logs[iid].open("wb") as log:
-                procs[iid] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            procs[iid] = start_worker(cmd, logs[iid])
         topo = Topology(ns, Subjects(ns), ids["prefill"], ids["decode"], model_dir, procs, logs)
         yield topo
     finally:
@@ -183,9 +188,8 @@ async def stats(nc: NatsClient, topo: Topology, iid: str) -> WorkerStats:
     return reply
 
 
-@pytest.fixture(scope="module")
-async def workers(topology: Topology, nc: NatsClient) -> Topology:
-    """The topology once both workers answer their stats subject."""
+async def _wait_ready(topology: Topology, nc: NatsClient) -> None:
+    """Until every worker of ``topology`` answers its stats subject (fails if one exits)."""
     deadline = time.monotonic() + 300
     for iid, proc in topology.procs.items():
         while True:
@@ -198,6 +202,12 @@ async def workers(topology: Topology, nc: NatsClient) -> Topology:
                 break
             except Exception:
                 await asyncio.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+async def workers(topology: Topology, nc: NatsClient) -> Topology:
+    """The topology once both workers answer their stats subject."""
+    await _wait_ready(topology, nc)
     return topology
 
 
@@ -547,6 +557,35 @@ async def test_sigterm_unregisters_then_drains(workers: Topology, nc: NatsClient
         await sub.unsubscribe()
     assert rest[-1].finish_reason in ("abort", "length")
     assert await asyncio.to_thread(proc.wait, 60) == 0
+
+
+async def test_both_role_prefills_for_itself(
+    nats_url: str, model_dir: Path, nc: NatsClient, tokenizer: Any, reference: Any
+) -> None:
+    """Role both: local prefill+decode, and a disaggregated request whose KV is its own."""
+    ns = f"tw{uuid.uuid4().hex[:6]}"
+    iid = f"b-{uuid.uuid4().hex[:4]}"
+    log = Path(tempfile.mkdtemp(prefix="tandem-worker-test-")) / f"{iid}.log"
+    proc = start_worker(worker_cmd("both", iid, nats_url, ns, model_dir), log)
+    topo = Topology(ns, Subjects(ns), iid, iid, model_dir, {iid: proc}, {iid: log})
+    try:
+        await _wait_ready(topo, nc)
+        prompt = tokenizer.encode(PROMPT_TEXT)
+        expected = reference(prompt)
+        ack, chunks = await decode(nc, topo, prompt, GREEDY, rid(), None)
+        assert isinstance(ack, Ack)
+        assert [t for c in chunks for t in c.token_ids] == expected
+        res, chunks = await disagg(nc, topo, prompt)
+        assert [res.first_token] + [t for c in chunks for t in c.token_ids] == expected
+        moved = chunks[-1].metrics.kv_transfer if chunks[-1].metrics else None
+        assert moved is not None and moved.blocks + moved.reused_blocks == math.ceil(len(prompt) / BLOCK)
+        assert_clean(await wait_idle(nc, topo, iid))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 60)
+    assert code == 0, _log_tail(log)
+    shutil.rmtree(log.parent, ignore_errors=True)
 
 
 def test_nixl_unavailable_exits_nonzero(nats_url: str, model_dir: Path) -> None:
