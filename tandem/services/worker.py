@@ -122,6 +122,14 @@ NOTIF_POLL_IDLE_S = 0.05
 STALLED_BACKOFF_S = 0.005
 
 
+_FINISH_REASONS: dict[str, FinishReason] = {r: r for r in ("stop", "length", "abort", "error")}
+
+
+def finish_reason(engine_reason: str) -> FinishReason:
+    """The protocol's finish reason for an engine one (anything unknown is an ``"error"``)."""
+    return _FINISH_REASONS.get(engine_reason, "error")
+
+
 class _Aborted(Exception):
     """A prefill was cancelled (or the worker stopped) before its first token."""
 
@@ -477,7 +485,7 @@ class Worker:
                 st.metrics.cached_tokens = int(out.num_cached_tokens or 0)
                 st.metrics.prefill_ms = float(out.prefill_ms or 0.0)
         if out.finish_reason is not None:
-            await self._finish(st, out.finish_reason, list(out.new_token_ids))
+            await self._finish(st, finish_reason(out.finish_reason), list(out.new_token_ids))
         elif out.new_token_ids:
             await self._send_chunk(st, list(out.new_token_ids))
 
@@ -558,7 +566,7 @@ class Worker:
             prefill_ms=float(out.prefill_ms or 0.0),
         )
         if pinned is None:  # finished at the first token: nothing pinned, nothing to transfer
-            result.finish_reason = out.finish_reason or "stop"
+            result.finish_reason = finish_reason(out.finish_reason or "stop")
             return result
         expected = math.ceil(len(req.token_ids) / self.opts.block_size)
         if len(pinned) != expected:

@@ -333,6 +333,7 @@ async def test_registered_in_bucket(workers: Topology, nc: NatsClient) -> None:
     infos = {}
     for iid in (workers.prefill_id, workers.decode_id):
         entry = await kv.get(iid)
+        assert entry.value is not None
         infos[iid] = msgspec.msgpack.decode(entry.value, type=InstanceInfo)
     p, d = infos[workers.prefill_id], infos[workers.decode_id]
     assert (p.role, d.role) == ("prefill", "decode")
