@@ -353,8 +353,8 @@ def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path) -> str:
             f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
             f"    -d {shlex.quote(body)}",
             "",
-            "Try it over NATS (OpenAI JSON in, JSON out), with the venv's python:",
-            "  .venv/bin/python - <<'EOF'",
+            "Try it over NATS (OpenAI JSON in, JSON out):",
+            f"  {shlex.quote(sys.executable)} - <<'EOF'",
             *("  " + line for line in nats_snippet.splitlines()),
             "  EOF",
             "",
@@ -542,9 +542,10 @@ SMOKE_PROMPTS = (
     "Italy, Monaco, Spain and Andorra, and has coasts on the Atlantic Ocean, the English Channel "
     "and the Mediterranean Sea. Its largest city is also its political and cultural centre. "
     "What is the capital of France? Answer in one sentence.",
-    "Europe has many capitals: Berlin in Germany, Madrid in Spain, Rome in Italy, Lisbon in "
-    "Portugal, Vienna in Austria and Warsaw in Poland, among others. Each is a large city with "
-    "a long history and many museums. What is the capital of France? Answer in one sentence.",
+    "The Eiffel Tower, the Louvre museum and the cathedral of Notre-Dame are among the most "
+    "visited places in the world. Millions of tourists come to see them every year, and many "
+    "also walk along the river Seine, which flows through the middle of the city. "
+    "What is the capital of France? Answer in one sentence.",
 )
 
 
@@ -576,8 +577,9 @@ def describe_extension(ext: Any) -> str:
         f"prefill worker {ext.get('prefill_worker') or '-'}",
         f"decode worker {ext.get('decode_worker') or '-'}",
         f"cached tokens {ext.get('cached_tokens', 0)}",
-        f"prefill {float(ext.get('prefill_ms') or 0):.1f} ms",
     ]
+    if ext.get("ttft_ms") is not None:
+        parts.append(f"TTFT {float(ext['ttft_ms']):.1f} ms")
     if isinstance(kv, dict) and kv:
         ms = float(kv.get("ms") or 0)
         nbytes = int(kv.get("bytes") or 0)
