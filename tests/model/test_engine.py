@@ -41,11 +41,15 @@ def model(model_dir: Path) -> LlamaForCausalLM:
 
 @pytest.fixture
 def make_engine(model_dir: Path, model: LlamaForCausalLM) -> Iterator:
-    """Factory of fp32 engines sharing the loaded weights; checks every pool at teardown."""
+    """Factory of fp32 engines sharing the loaded weights; checks every pool at teardown.
+
+    One torch thread: on a shared 2-core machine two OpenMP threads stall each other (measured
+    ~25x slower steps under load), and the tests compare tokens, not speed.
+    """
     engines: list[LLMEngine] = []
 
     def make(**kw: object) -> LLMEngine:
-        cfg: dict = {"dtype": "float32", "block_size": 16, "num_blocks": 64, "num_threads": 2, **kw}
+        cfg: dict = {"dtype": "float32", "block_size": 16, "num_blocks": 64, "num_threads": 1, **kw}
         eng = LLMEngine(EngineConfig(model_dir=model_dir, **cfg), model=model)
         engines.append(eng)
         return eng
@@ -61,7 +65,9 @@ def make_engine(model_dir: Path, model: LlamaForCausalLM) -> Iterator:
 def reference(model_dir: Path, model: LlamaForCausalLM) -> dict[tuple[int, str], list[int]]:
     """Tokens of each prompt run alone, with no prefix cache, greedy and seeded."""
     eng = LLMEngine(
-        EngineConfig(model_dir=model_dir, dtype="float32", num_blocks=64, enable_prefix_caching=False),
+        EngineConfig(
+            model_dir=model_dir, dtype="float32", num_blocks=64, enable_prefix_caching=False, num_threads=1
+        ),
         model=model,
     )
     out = {}
