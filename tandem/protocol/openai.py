@@ -336,7 +336,9 @@ class TandemInfo(msgspec.Struct):
 
     ``prefill_worker`` is the worker that computed the prompt (equal to ``decode_worker`` when
     one worker did both); ``kv_transfer`` is null when no KV moved; ``ttft_ms`` is measured at
-    the frontend, from receiving the request to the first token arriving.
+    the frontend, from receiving the request to the first token arriving; ``prefill_ms`` is the
+    engine's own time for the steps that computed the prompt (on the prefill worker), so
+    ``ttft_ms - prefill_ms`` is what the serving path added.
     """
 
     request_id: str
@@ -345,6 +347,7 @@ class TandemInfo(msgspec.Struct):
     kv_transfer: KvTransferInfo | None = None
     cached_tokens: int = 0
     ttft_ms: float | None = None
+    prefill_ms: float | None = None
 
 
 class AssistantMessage(msgspec.Struct):

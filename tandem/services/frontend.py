@@ -484,6 +484,7 @@ class Generation:
             kv_transfer=kv,
             cached_tokens=m.cached_tokens if m else 0,
             ttft_ms=ttft,
+            prefill_ms=round(m.prefill_ms, 3) if m else None,
         )
 
     def usage(self) -> Usage:

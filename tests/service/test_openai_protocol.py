@@ -181,7 +181,12 @@ def test_response_encoding() -> None:
         choices=[CompletionChoice(index=0, text="ok", finish_reason="length")],
         usage=usage,
         tandem=TandemInfo(
-            request_id="x", prefill_worker="p", decode_worker="d", cached_tokens=16, ttft_ms=1.5
+            request_id="x",
+            prefill_worker="p",
+            decode_worker="d",
+            cached_tokens=16,
+            ttft_ms=1.5,
+            prefill_ms=0.75,
         ),
     )
     out = json.loads(encode_json(done))
@@ -194,6 +199,7 @@ def test_response_encoding() -> None:
         "kv_transfer": None,
         "cached_tokens": 16,
         "ttft_ms": 1.5,
+        "prefill_ms": 0.75,
     }
     models = json.loads(encode_json(ModelList(data=[ModelCard(id="m", created=2)])))
     assert models == {
