@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import structlog
@@ -29,23 +28,7 @@ from tandem.protocol.messages import (
 )
 from tandem.services.indexer import KvIndexer
 from tandem.services.runtime import NoRespondersError, ServiceBase, WorkerRegistration, connect, request
-
-
-async def eventually(cond: Callable[[], bool], limit_s: float = 3.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
-    client = await connect(nats_url, "test-indexer")
-    try:
-        yield client
-    finally:
-        await client.close()
+from tests.service.util import eventually
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ from tandem.protocol.messages import (
     encode,
 )
 from tandem.services.router import PrefillRouter, RouterConfig
-from tandem.services.runtime import ServiceBase, ServiceError, TaskTracker, connect, ensure_jetstream, serve
+from tandem.services.runtime import ServiceBase, ServiceError, TaskTracker, ensure_jetstream, serve
+from tests.service.util import eventually
 
 BLOCK = 4
 FIRST = 4242
@@ -220,23 +221,6 @@ async def wait_for_interest(nc: NatsClient, subject: str, limit_s: float = 3.0) 
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.005)
-
-
-async def eventually(cond: Callable[[], bool], limit_s: float = 3.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
-    client = await connect(nats_url, "test-router")
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
@@ -34,20 +33,10 @@ from tandem.services.runtime import (
     ServiceError,
     TaskTracker,
     WorkerRegistration,
-    connect,
     ensure_jetstream,
     request,
     serve,
 )
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NatsClient]:
-    client = await connect(nats_url, "test-runtime")
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 def subject() -> str:
