@@ -362,6 +362,8 @@ class LlamaForCausalLM(nn.Module):
     :func:`tandem.engine.weights.load_model`, or construct directly (random weights) for tests.
     """
 
+    inv_freq: torch.Tensor  # (D/2,) fp32 RoPE inverse frequencies (a non-persistent buffer)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg

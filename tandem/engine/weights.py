@@ -309,7 +309,7 @@ def build_tokenizer(meta: dict[str, Any]) -> Any:
         tk.pre_tokenizer = byte_level
     else:
         raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}")
-    tk.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
 
     tk.add_special_tokens(
