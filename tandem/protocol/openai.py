@@ -7,7 +7,9 @@ ignored, as OpenAI-compatible servers commonly do. Responses encode with :func:`
 
 Extensions beyond OpenAI's schema:
 
-* request: ``top_k`` (0 or -1 = off) and ``ignore_eos``;
+* request: ``top_k`` (0 or -1 = off), ``ignore_eos`` and ``return_token_ids`` (as in vLLM:
+  non-streaming choices then carry ``token_ids``, the generated token ids, before any
+  stop-string truncation of the text);
 * response: a ``tandem`` object (:class:`TandemInfo`) saying where the request ran (prefill and
   decode worker), how much KV moved between them, how many prompt tokens were served from the
   prefix cache and the time to first token measured at the frontend;
@@ -144,6 +146,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False
+    return_token_ids: bool = False
     user: str | None = None
 
 
@@ -362,6 +365,7 @@ class ChatChoice(msgspec.Struct):
     message: AssistantMessage
     finish_reason: str | None
     logprobs: None = None
+    token_ids: list[int] | UnsetType = UNSET
 
 
 class ChatCompletion(msgspec.Struct):
@@ -414,6 +418,7 @@ class CompletionChoice(msgspec.Struct):
     text: str
     finish_reason: str | None = None
     logprobs: None = None
+    token_ids: list[int] | UnsetType = UNSET
 
 
 class Completion(msgspec.Struct):

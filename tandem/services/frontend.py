@@ -91,6 +91,7 @@ from typing import Any, Literal
 import msgspec
 import nats.errors
 from aiohttp import web
+from msgspec import UNSET
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription
@@ -226,6 +227,7 @@ class PreparedRequest:
     stops: list[str]
     stream: bool
     include_usage: bool
+    return_token_ids: bool
     #: ``time.perf_counter()`` when the request arrived (for ``ttft_ms``).
     arrived: float
 
@@ -297,7 +299,8 @@ class Generation:
         #: Set when the pipeline finished the request itself (no Cancel needed).
         self.remote_finished = False
         self.finish_reason: str | None = None
-        self.completion_tokens = 0
+        #: Generated token ids in order (before stop-string truncation of the text).
+        self.token_ids: list[int] = []
         self.metrics: RequestMetrics | None = None
         self.ttft_ms: float | None = None
         self.first_worker = ""
@@ -447,7 +450,7 @@ class Generation:
             raise OpenAIError(_status_of(err.code), err.message, type=err.type or None)
         if chunk.token_ids and self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.prepared.arrived) * 1000.0
-        self.completion_tokens += len(chunk.token_ids)
+        self.token_ids.extend(chunk.token_ids)
         # Special tokens (eos, chat markers) are not text: the detokenizer skips them.
         new_text = self._detok.add(chunk.token_ids) if chunk.token_ids else ""
         if chunk.finish_reason is not None:
@@ -493,8 +496,8 @@ class Generation:
         cached = self.metrics.cached_tokens if self.metrics else 0
         return Usage(
             prompt_tokens=prompt,
-            completion_tokens=self.completion_tokens,
-            total_tokens=prompt + self.completion_tokens,
+            completion_tokens=len(self.token_ids),
+            total_tokens=prompt + len(self.token_ids),
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
@@ -699,6 +702,7 @@ class Frontend:
             stops=stop_list(req.stop),
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            return_token_ids=req.return_token_ids,
             arrived=arrived,
         )
 
@@ -732,6 +736,7 @@ class Frontend:
                 parts.append(text)
         content = "".join(parts)
         p = prepared
+        token_ids = list(gen.token_ids) if p.return_token_ids else UNSET
         if p.kind == "chat":
             return encode_json(
                 ChatCompletion(
@@ -743,6 +748,7 @@ class Frontend:
                             index=0,
                             message=AssistantMessage(content=content),
                             finish_reason=gen.finish_reason,
+                            token_ids=token_ids,
                         )
                     ],
                     usage=gen.usage(),
@@ -754,7 +760,11 @@ class Frontend:
                 id=p.request_id,
                 created=p.created,
                 model=p.model,
-                choices=[CompletionChoice(index=0, text=content, finish_reason=gen.finish_reason)],
+                choices=[
+                    CompletionChoice(
+                        index=0, text=content, finish_reason=gen.finish_reason, token_ids=token_ids
+                    )
+                ],
                 usage=gen.usage(),
                 tandem=gen.tandem_info(),
             )

@@ -2,11 +2,11 @@
 
 One disaggregated stack (1 prefill + 1 decode worker) and one aggregated stack (1 worker of role
 ``both``) answer the same greedy ``/v1/completions`` requests; the in-process engine answers them
-too. The tests check that all three agree token for token (compared as text: the frontend returns
-text), that the KV bytes reported moved are exactly the blocks the decode worker lacked times the
-block size in bytes, that both workers' pools are intact with nothing left in use afterwards, that
-one trace id spans all five services, that the launcher stops everything (exit 0, no orphans),
-and that ``launcher --smoke`` (HTTP + NATS requests) passes.
+too. The tests check that all three agree token for token (the requests ask for
+``return_token_ids``) and as text; that the KV bytes reported moved are exactly the blocks the
+decode worker lacked times the block size in bytes; that both workers' pools are intact with
+nothing left in use afterwards; that one trace id spans all five services; that the launcher
+stops everything (exit 0, no orphans); and that ``launcher --smoke`` (HTTP + NATS) passes.
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ def completion_body(ids: list[int]) -> dict[str, Any]:
         "max_tokens": MAX_TOKENS,
         "temperature": 0,
         "ignore_eos": True,
+        "return_token_ids": True,
     }
 
 
@@ -240,8 +241,8 @@ async def aggregated(
 
 
 @pytest.fixture(scope="module")
-def engine_texts(aggregated: RunResult, prompts: list[list[int]], tokenizer: Any) -> list[str]:
-    """The in-process engine's greedy continuations (after both stacks stopped)."""
+def engine_tokens(aggregated: RunResult, prompts: list[list[int]]) -> list[list[int]]:
+    """The in-process engine's greedy continuations, token ids (after both stacks stopped)."""
     from tandem.engine.config import EngineConfig
     from tandem.engine.engine import LLMEngine
     from tandem.engine.weights import prepare_model
@@ -254,11 +255,15 @@ def engine_texts(aggregated: RunResult, prompts: list[list[int]], tokenizer: Any
     sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     outputs = engine.generate(prompts, sampling)
     assert [len(o) for o in outputs] == [MAX_TOKENS] * len(prompts)
-    return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+    return [list(o) for o in outputs]
 
 
 def texts(run: RunResult) -> list[str]:
     return [r["choices"][0]["text"] for r in run.replies]
+
+
+def token_ids(run: RunResult) -> list[list[int]]:
+    return [r["choices"][0]["token_ids"] for r in run.replies]
 
 
 # ---- tests ---------------------------------------------------------------------------------------
@@ -275,13 +280,17 @@ def test_every_request_completed_with_max_tokens(
 
 
 def test_disaggregated_equals_aggregated(disagg: RunResult, aggregated: RunResult) -> None:
-    for i, (a, b) in enumerate(zip(texts(disagg), texts(aggregated), strict=True)):
-        assert a == b, f"prompt {i}: disaggregated {a!r} != aggregated {b!r}"
+    for i, (a, b) in enumerate(zip(token_ids(disagg), token_ids(aggregated), strict=True)):
+        assert a == b, f"prompt {i}: disaggregated {a} != aggregated {b}"
+    assert texts(disagg) == texts(aggregated)
 
 
-def test_disaggregated_equals_in_process_engine(disagg: RunResult, engine_texts: list[str]) -> None:
-    for i, (a, b) in enumerate(zip(texts(disagg), engine_texts, strict=True)):
-        assert a == b, f"prompt {i}: disaggregated {a!r} != engine {b!r}"
+def test_disaggregated_equals_in_process_engine(
+    disagg: RunResult, engine_tokens: list[list[int]], tokenizer: Any
+) -> None:
+    for i, (a, b) in enumerate(zip(token_ids(disagg), engine_tokens, strict=True)):
+        assert a == b, f"prompt {i}: disaggregated {a} != engine {b}"
+    assert texts(disagg) == [tokenizer.decode(o, skip_special_tokens=True) for o in engine_tokens]
 
 
 def test_requests_ran_where_expected(

@@ -320,6 +320,16 @@ async def test_completions_text_and_token_ids(env: Env) -> None:
     route = env.router.routes[-1]
     assert route.token_ids == env.tokenizer.encode("Once upon a time")
     assert route.sampling.max_tokens == 16  # OpenAI's legacy default
+    assert "token_ids" not in body["choices"][0]  # only when asked for
+
+    resp = await env.client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "return_token_ids": True}
+    )
+    choice = (await resp.json())["choices"][0]
+    eos = env.tokenizer.eos_token_id
+    assert choice["token_ids"] == [*env.router.reply_tokens(), eos]
+    resp = await env.client.post("/v1/chat/completions", json={**chat_body(), "return_token_ids": True})
+    assert (await resp.json())["choices"][0]["token_ids"] == [*env.router.reply_tokens(), eos]
 
     resp = await env.client.post(
         "/v1/completions", json={"model": MODEL, "prompt": [[1, 2, 3]], "stream": True, "max_tokens": 5}
