@@ -43,6 +43,9 @@ class ErrorReply(Message, tag="error"):
     message: str
     request_id: str = ""
     type: str = "invalid_request_error"
+    #: For 429/503 (busy): seconds after which a retry may succeed; the frontend sends it as
+    #: HTTP ``Retry-After``. None = no hint.
+    retry_after_s: float | None = None
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -268,10 +271,14 @@ class KvEventBatch(Message, tag="kv_events"):
 
 
 class WorkerLoad(Message):
+    """A worker's load as of its last heartbeat (sequences and blocks)."""
+
     num_running: int = 0
     num_waiting: int = 0
     used_blocks: int = 0
     pinned_blocks: int = 0
+    #: Prompt tokens queued or being prefilled (not yet computed), tokens.
+    waiting_prefill_tokens: int = 0
 
 
 class InstanceInfo(Message, tag="instance"):
@@ -289,6 +296,21 @@ class InstanceInfo(Message, tag="instance"):
     heartbeat_at: float
     protocol_version: int = PROTOCOL_VERSION
     load: WorkerLoad = msgspec.field(default_factory=WorkerLoad)
+    #: ``"model"`` (a real model) or ``"mock"`` (Dynamo-style mocker: real scheduler and KV
+    #: block manager, simulated timing, no KV bytes).
+    engine: str = "model"
+    #: How the decode side moves this worker's KV: ``"nixl"`` or ``"simulated"`` (mocker).
+    kv_transport: str = "nixl"
+
+    @property
+    def can_prefill(self) -> bool:
+        """Role ``prefill`` or ``both``."""
+        return self.role != "decode"
+
+    @property
+    def can_decode(self) -> bool:
+        """Role ``decode`` or ``both``."""
+        return self.role != "prefill"
 
 
 class WorkerStatsRequest(Message, tag="stats_request"):
