@@ -14,7 +14,8 @@ Extensions beyond OpenAI's schema:
   decode worker), how much KV moved between them, how many prompt tokens were served from the
   prefix cache and the time to first token measured at the frontend;
 * NATS error replies: the error body plus a top-level ``"status"`` (the HTTP status code that
-  the same error gets over HTTP), see :func:`error_body`.
+  the same error gets over HTTP) and, for a busy pipeline (429/503 with a hint), ``"retry_after"``
+  (whole seconds, what HTTP sends as the ``Retry-After`` header), see :func:`error_body`.
 
 Fields that are ``UNSET`` are omitted from the JSON; fields that are ``None`` encode as
 ``null`` where OpenAI sends ``null`` (e.g. ``finish_reason`` of a streaming chunk).
@@ -22,6 +23,7 @@ Fields that are ``UNSET`` are omitted from the JSON; fields that are ``None`` en
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -43,15 +45,21 @@ class ErrorDetail(msgspec.Struct):
 class ErrorResponse(msgspec.Struct):
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``.
 
-    ``status`` is set only on NATS replies (HTTP carries the status in the status line).
+    ``status`` and ``retry_after`` are set only on NATS replies (HTTP carries them in the status
+    line and the ``Retry-After`` header).
     """
 
     error: ErrorDetail
     status: int | UnsetType = UNSET
+    retry_after: int | UnsetType = UNSET
 
 
 class OpenAIError(Exception):
-    """An error to return to the client: HTTP ``status`` plus OpenAI's error fields."""
+    """An error to return to the client: HTTP ``status`` plus OpenAI's error fields.
+
+    ``retry_after_s``: for a busy pipeline (429/503), seconds after which a retry may succeed
+    (sent as ``Retry-After``, see :func:`retry_after_seconds`); None = no hint.
+    """
 
     def __init__(
         self,
@@ -61,6 +69,7 @@ class OpenAIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -68,6 +77,11 @@ class OpenAIError(Exception):
         self.type = type or _default_error_type(status)
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
+
+    def retry_after(self) -> int | None:
+        """The ``Retry-After`` value in whole seconds, or None without a hint."""
+        return retry_after_seconds(self.retry_after_s)
 
     def detail(self) -> ErrorDetail:
         """The ``error`` object of the body."""
@@ -92,9 +106,27 @@ def _default_error_type(status: int) -> str:
     return "invalid_request_error"
 
 
+def retry_after_seconds(seconds: float | None) -> int | None:
+    """A retry hint as HTTP ``Retry-After`` wants it: whole seconds, rounded up, at least 1."""
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return max(1, math.ceil(seconds))
+
+
 def error_body(err: OpenAIError, *, with_status: bool = False) -> bytes:
-    """Encode ``err`` as OpenAI's error JSON (plus ``"status": <code>`` when ``with_status``)."""
-    return encode_json(ErrorResponse(error=err.detail(), status=err.status if with_status else UNSET))
+    """Encode ``err`` as OpenAI's error JSON.
+
+    ``with_status`` (NATS replies) adds ``"status": <code>`` and, when ``err`` carries a retry
+    hint, ``"retry_after": <whole seconds>``.
+    """
+    retry = err.retry_after() if with_status else None
+    return encode_json(
+        ErrorResponse(
+            error=err.detail(),
+            status=err.status if with_status else UNSET,
+            retry_after=retry if retry is not None else UNSET,
+        )
+    )
 
 
 # ---- requests ------------------------------------------------------------------------------------
@@ -486,5 +518,6 @@ __all__ = [
     "decode_completion_request",
     "encode_json",
     "error_body",
+    "retry_after_seconds",
     "stop_list",
 ]

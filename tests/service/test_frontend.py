@@ -8,9 +8,11 @@ publishing ``TokenChunk``\\ s to its ``reply_to`` (the frontend's inbox), the wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -29,6 +31,7 @@ from nats.aio.msg import Msg as NatsMsg
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from tandem.config import cli_fields, flag_name, to_argv
 from tandem.engine.tokenizer import Tokenizer
 from tandem.kvbm.hashing import compute_block_hashes
 from tandem.protocol import Subjects
@@ -41,6 +44,7 @@ from tandem.protocol.messages import (
     KvTransferStats,
     RequestMetrics,
     RouteRequest,
+    SamplingParams,
     TokenChunk,
     encode,
 )
@@ -49,8 +53,11 @@ from tandem.services.frontend import (
     Frontend,
     FrontendConfig,
     StopStringMatcher,
+    TextOutput,
+    TokenStream,
     create_app,
 )
+from tandem.services.frontend.service import parse_args
 from tandem.services.runtime import InstanceRegistry, TaskTracker, connect, ensure_jetstream, serve
 from tests.conftest import free_port
 
@@ -400,6 +407,26 @@ def test_stop_string_matcher() -> None:
     assert StopStringMatcher([]).feed("abc") == ("abc", False)
 
 
+def test_text_output_detokenizes_and_stops(tokenizer: Tokenizer) -> None:
+    out = TextOutput(tokenizer, ["STOP"])
+    pieces = []
+    for t in tokenizer.encode("Grüße 🚀 from the STOP sign"):  # one token at a time
+        delta = out.feed([t])
+        pieces.append(delta.text)
+        if delta.stopped:
+            break
+    assert delta.stopped
+    assert "".join(pieces) == "Grüße 🚀 from the "
+    assert not any("\ufffd" in p for p in pieces)  # never half a character
+
+    out = TextOutput(tokenizer, ["never"])
+    held = "".join(out.feed([t]).text for t in tokenizer.encode("ends with nev"))
+    assert held == "ends with "  # "nev" may still become "never"
+    eos = tokenizer.eos_token_id
+    assert eos is not None
+    assert out.feed([eos], final=True) == ("nev", False)  # eos is no text
+
+
 BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], int, str | None, str | None]] = [
     # path, body, status, param, code
     ("/v1/chat/completions", b'{"model": "x", "messages": [', 400, None, "invalid_json"),
@@ -515,6 +542,100 @@ async def test_pipeline_error_chunk_maps_to_status(env: Env) -> None:
     assert json.loads(events[-2])["error"]["message"] == "decode worker died"
 
 
+BUSY_MESSAGE = "all decode workers are busy"
+
+
+def busy_chunk(route: RouteRequest, index: int, retry_after_s: float | None = 2.5) -> TokenChunk:
+    """The error chunk a busy pipeline sends: 503 with a retry hint."""
+    err = ErrorReply(
+        code=503,
+        message=BUSY_MESSAGE,
+        request_id=route.request_id,
+        type="unavailable",
+        retry_after_s=retry_after_s,
+    )
+    return TokenChunk(
+        request_id=route.request_id, index=index, token_ids=[], finish_reason="error", error=err
+    )
+
+
+async def nats_stream(nc: NatsClient, subject: str, body: dict[str, Any]) -> list[bytes]:
+    """The payloads a public streaming NATS request gets, up to and including ``[DONE]``."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subject, json.dumps(body).encode(), reply=inbox)
+        payloads: list[bytes] = []
+        while not payloads or payloads[-1] != b"[DONE]":
+            payloads.append((await sub.next_msg(timeout=5)).data)
+        return payloads
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_busy_pipeline_sets_retry_after(env: Env) -> None:
+    async def busy(router: FakeRouter, route: RouteRequest) -> None:
+        await router.send(route, [busy_chunk(route, 0)])
+
+    env.router.behavior = busy
+    resp = await env.client.post("/v1/chat/completions", json=chat_body())
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "3"  # 2.5 s, rounded up
+    body = await resp.json()
+    assert body == {"error": {"message": BUSY_MESSAGE, "type": "unavailable", "param": None, "code": None}}
+
+    # streaming, failing before the first chunk: a real status, so the header too
+    resp = await env.client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "3"
+    assert (await resp.json())["error"]["message"] == BUSY_MESSAGE
+
+    # NATS: the hint rides in the error body, next to the status
+    nc = env.router.nc
+    msg = await nc.request(env.subjects.chat_completions, json.dumps(chat_body()).encode(), timeout=5)
+    assert json.loads(msg.data) == {**body, "status": 503, "retry_after": 3}
+    payloads = await nats_stream(
+        nc, env.subjects.completions, {"model": MODEL, "prompt": "Hi", "stream": True}
+    )
+    assert [json.loads(p) for p in payloads[:-1]] == [{**body, "status": 503, "retry_after": 3}]
+
+    # 429 as an ErrorReply on the inbox (what serve() sends for a ServiceError); < 1 s → 1
+    async def rate_limited(router: FakeRouter, route: RouteRequest) -> None:
+        err = ErrorReply(code=429, message="slow down", type="rate_limit_error", retry_after_s=0.2)
+        await router.nc.publish(route.reply_to, encode(err))
+
+    env.router.behavior = rate_limited
+    resp = await env.client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"]["type"] == "rate_limit_error"
+    cancel = await env.router.wait_cancel(env.router.routes[-1].request_id)
+    assert cancel.reason == "error"
+
+    # once the SSE headers are out, the error goes into the stream as before (no hint there)
+    async def busy_midway(router: FakeRouter, route: RouteRequest) -> None:
+        await router.send(route, [*router.chunks(route, router.reply_tokens())[:2], busy_chunk(route, 2)])
+
+    env.router.behavior = busy_midway
+    resp = await env.client.post("/v1/chat/completions", json=chat_body(stream=True))
+    assert resp.status == 200
+    assert "Retry-After" not in resp.headers
+    events = await read_sse(resp)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2]) == body
+
+    # no hint: no header, no retry_after
+    async def busy_no_hint(router: FakeRouter, route: RouteRequest) -> None:
+        await router.send(route, [busy_chunk(route, 0, retry_after_s=None)])
+
+    env.router.behavior = busy_no_hint
+    resp = await env.client.post("/v1/chat/completions", json=chat_body())
+    assert resp.status == 503
+    assert "Retry-After" not in resp.headers
+    msg = await nc.request(env.subjects.chat_completions, json.dumps(chat_body()).encode(), timeout=5)
+    assert json.loads(msg.data) == {**body, "status": 503}
+
+
 async def test_timeout_gives_504_and_cancel(env: Env) -> None:
     async def silent(router: FakeRouter, route: RouteRequest) -> None:
         await router.send(route, router.chunks(route, router.reply_tokens())[:1])  # then nothing
@@ -616,6 +737,112 @@ async def test_nats_public_subjects(env: Env) -> None:
     assert json.loads(first.data)["status"] == 400
     assert (await sub.next_msg(timeout=5)).data == b"[DONE]"
     await sub.unsubscribe()
+
+
+def token_stream(env: Env, **extra: Any) -> TokenStream:
+    return TokenStream(
+        env.nc,
+        env.subjects,
+        request_id=f"ts-{uuid.uuid4().hex}",
+        model=MODEL,
+        token_ids=env.tokenizer.encode("Hi there"),
+        block_hashes=[],
+        sampling=SamplingParams(max_tokens=64),
+        chunk_timeout_s=CHUNK_TIMEOUT_S,
+        **extra,
+    )
+
+
+async def test_token_stream_continues_indices_from_index_base(env: Env) -> None:
+    """The migration seam: a follow-up stream continues the client-visible chunk indices."""
+    stream = token_stream(env, index_base=7)
+    chunks = []
+    async with stream:
+        while (chunk := await stream.next_chunk()) is not None:
+            chunks.append(chunk)
+        assert await stream.next_chunk() is None  # stays ended
+    assert [c.index for c in chunks] == list(range(7, 7 + len(chunks)))
+    assert [t for c in chunks for t in c.token_ids] == [
+        *env.router.reply_tokens(),
+        env.tokenizer.eos_token_id,
+    ]
+    assert chunks[-1].finish_reason == "stop"
+    assert stream.finished
+    assert stream.next_index == 7 + len(chunks)
+    route = env.router.routes[-1]
+    assert route.request_id == stream.request_id
+    assert route.token_ids == env.tokenizer.encode("Hi there")
+    await env.nc.flush()
+    await env.router.nc.flush()
+    assert not [c for c in env.router.cancels if c.request_id == stream.request_id]  # finished
+
+
+async def test_token_stream_stop_cancels_with_its_reason(env: Env) -> None:
+    async def first_then_wait(router: FakeRouter, route: RouteRequest) -> None:
+        await router.send(route, router.chunks(route, router.reply_tokens())[:1])
+
+    env.router.behavior = first_then_wait
+    stream = token_stream(env)
+    async with stream:
+        first = await stream.next_chunk()
+        assert first is not None and first.index == 0
+        stream.stop("migrated")
+        assert await stream.next_chunk() is None
+    assert not stream.finished
+    cancel = await env.router.wait_cancel(stream.request_id)
+    assert cancel.reason == "migrated"
+    await _assert_inbox_released(env.router.nc, env.router.routes[-1].reply_to)
+
+
+FRONTEND_FLAGS = [
+    "--host",
+    "--port",
+    "--model-dir",
+    "--model-name",
+    "--max-model-len",
+    "--chunk-timeout",
+    "--health-timeout",
+    "--default-block-size",
+]
+
+
+async def test_frontend_config_drives_the_cli(env: Env) -> None:
+    assert [flag_name(f) for f in cli_fields(FrontendConfig)] == FRONTEND_FLAGS
+    _args, default = parse_args([])
+    assert default == FrontendConfig(created=default.created)
+    assert to_argv(default) == []  # nothing to pass on
+
+    custom = FrontendConfig(
+        host="0.0.0.0",
+        port=8123,
+        model_dir="/models/m",
+        model_name="m",
+        max_model_len=4096,
+        chunk_timeout_s=2.5,
+        health_timeout_s=0.25,
+        default_block_size=32,
+    )
+    argv = to_argv(custom)  # what the launcher passes on
+    assert argv[::2] == FRONTEND_FLAGS
+    args, back = parse_args(["--nats-url", "nats://h:4222", *argv])
+    assert back == dataclasses.replace(custom, created=back.created)
+    assert args.nats_url == "nats://h:4222"
+
+    for bad in (["--chunk-timeout", "0"], ["--port", "70000"], ["--max-model-len", "1"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    with pytest.raises(ValueError, match="model_name"):
+        Frontend(env.nc, env.subjects, env.tokenizer, FrontendConfig())  # main() derives it
+
+
+def test_frontend_config_imports_without_aiohttp_or_torch() -> None:
+    """The launcher imports the config; that must not pull in the HTTP server or the model."""
+    code = (
+        "import sys, tandem.services.frontend.config; "
+        "heavy = {'aiohttp', 'torch', 'tokenizers', 'nats'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 async def test_ready_needs_router_indexer_and_workers(nats_url: str, tokenizer: Tokenizer) -> None:

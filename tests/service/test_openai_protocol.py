@@ -24,6 +24,7 @@ from tandem.protocol.openai import (
     decode_completion_request,
     encode_json,
     error_body,
+    retry_after_seconds,
     stop_list,
 )
 
@@ -156,6 +157,31 @@ def test_error_bodies() -> None:
     assert OpenAIError(504, "x").type == "timeout_error"
     assert OpenAIError(500, "x").type == "internal_server_error"
     assert OpenAIError(400, "x", type="custom").type == "custom"
+    assert OpenAIError(429, "x").type == "rate_limit_error"
+
+
+def test_retry_after() -> None:
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds(0.2) == 1  # at least 1
+    assert retry_after_seconds(0.0) == 1
+    assert retry_after_seconds(-3.0) == 1
+    assert retry_after_seconds(2.0) == 2
+    assert retry_after_seconds(2.01) == 3  # rounded up
+    assert retry_after_seconds(float("nan")) is None
+    assert retry_after_seconds(float("inf")) is None
+
+    busy = OpenAIError(503, "busy", retry_after_s=2.5)
+    assert busy.retry_after() == 3
+    # NATS bodies carry the hint next to the status; HTTP bodies stay OpenAI's (hint in a header)
+    assert json.loads(error_body(busy, with_status=True)) == {
+        "error": {"message": "busy", "type": "service_unavailable_error", "param": None, "code": None},
+        "status": 503,
+        "retry_after": 3,
+    }
+    assert set(json.loads(error_body(busy))) == {"error"}
+    plain = OpenAIError(503, "down")
+    assert plain.retry_after() is None
+    assert set(json.loads(error_body(plain, with_status=True))) == {"error", "status"}
 
 
 def test_response_encoding() -> None:
