@@ -1,10 +1,15 @@
 """In-process engine speed (no NATS, no HTTP): prefill time and decode tokens/s.
 
     .venv/bin/python scripts/bench_engine.py [--dtype bfloat16] [--threads 1 2] [--prompt-tokens 512]
+    .venv/bin/python scripts/bench_engine.py --engine mock [--speedup-ratio 1]
 
-Prefill: wall time of a ``max_tokens=1`` request on a fresh prompt (ms). Decode: a batch of
-64-token prompts generates 33 tokens; the same batch's 1-token run (prompt only, served from the
-prefix cache after the first pass) is subtracted, leaving 32 decode steps per sequence.
+Prefill: time of a ``max_tokens=1`` request on a fresh prompt (ms). Decode: a batch of 64-token
+prompts generates 33 tokens; the same batch's 1-token run (prompt only, served from the prefix
+cache after the first pass) is subtracted, leaving 32 decode steps per sequence.
+
+``--engine model`` (default) measures wall time. ``--engine mock`` runs no model: it reports the
+simulated time (Dynamo's mocker timing model, divided by ``--speedup-ratio``; what a worker would
+wait) and, separately, the engine's own CPU overhead (wall time of the steps).
 """
 
 from __future__ import annotations
@@ -14,36 +19,72 @@ import time
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
-from tandem.engine.weights import prepare_model
 from tandem.protocol import SamplingParams
 
 
-def timed(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> float:
-    """Seconds to generate ``max_tokens`` greedy tokens for every prompt."""
+def timed(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """``(wall_s, simulated_s)`` to generate ``max_tokens`` greedy tokens for every prompt."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, seed=0)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
+    simulated = 0.0
     t0 = time.perf_counter()
-    engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    return time.perf_counter() - t0
+    while engine.has_unfinished():
+        engine.step()
+        simulated += engine.last_step_simulated_s
+    return time.perf_counter() - t0, simulated
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", default="model", choices=["model", "mock"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="model engine only")
+    ap.add_argument("--speedup-ratio", type=float, default=1.0, help="mock engine only")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args()
-    model_dir = prepare_model()
-    for threads in args.threads:
-        cfg = EngineConfig(model_dir=model_dir, dtype=args.dtype, kv_cache_gb=0.5, num_threads=threads)
+    if args.engine == "mock":
+        configs = [
+            (
+                "mock",
+                EngineConfig(
+                    engine="mock", dtype=args.dtype, kv_cache_gb=0.5, speedup_ratio=args.speedup_ratio
+                ),
+            )
+        ]
+    else:
+        from tandem.engine.weights import prepare_model
+
+        model_dir = str(prepare_model())
+        configs = [
+            (
+                f"threads={t}",
+                EngineConfig(model_dir=model_dir, dtype=args.dtype, kv_cache_gb=0.5, num_threads=t),
+            )
+            for t in args.threads
+        ]
+    mock = args.engine == "mock"
+    for label, cfg in configs:
         engine = LLMEngine(cfg)
         timed(engine, [list(range(100, 164))], 2)  # warm-up
-        prefill_ms = timed(engine, [list(range(1000, 1000 + args.prompt_tokens))], 1) * 1000
-        print(f"{args.dtype} threads={threads}: {args.prompt_tokens}-token prefill {prefill_ms:.0f} ms")
+        wall, sim = timed(engine, [list(range(1000, 1000 + args.prompt_tokens))], 1)
+        line = (
+            f"{args.dtype} {label}: {args.prompt_tokens}-token prefill {(sim if mock else wall) * 1e3:.1f} ms"
+        )
+        print(line + (f" simulated (engine overhead {wall * 1e3:.2f} ms)" if mock else ""))
         for bs in args.batches:
             prompts = [list(range(5000 + 70 * i, 5064 + 70 * i)) for i in range(bs)]
-            prompt_s = timed(engine, prompts, 1)
-            total_s = timed(engine, prompts, 33)
-            print(f"  batch {bs}: decode {bs * 32 / (total_s - prompt_s):.1f} tok/s")
+            p_wall, p_sim = timed(engine, prompts, 1)
+            t_wall, t_sim = timed(engine, prompts, 33)
+            tokens = bs * 32
+            if mock:
+                print(
+                    f"  batch {bs}: decode {tokens / (t_sim - p_sim):.1f} tok/s simulated "
+                    f"(engine overhead {(t_wall - p_wall) / tokens * 1e6:.0f} us/token)"
+                )
+            else:
+                print(f"  batch {bs}: decode {tokens / (t_wall - p_wall):.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 :class:`ModelConfig` mirrors the architecture fields of the prepared ``config.json`` (written by
 :func:`tandem.engine.weights.prepare_model`, HF ``LlamaConfig`` key names). :class:`EngineConfig`
-holds the serving knobs of one worker (dtype, KV block geometry, batch limits, threads, device).
+holds the serving knobs of one worker (executor, dtype, KV block geometry, batch limits, threads,
+device, mock knobs); its fields drive the worker's command line (:mod:`tandem.config`).
+:data:`SMOLLM2_135M_CONFIG` is the shape the mock engine assumes when it has no model directory.
 This module does not import torch, so light processes (frontend, router) can use it.
 """
 
@@ -12,7 +14,9 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from tandem.config import option
 
 #: Bytes per element of the dtypes the engine supports (names as in ``torch.<name>``).
 DTYPE_NBYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -94,6 +98,26 @@ class ModelConfig:
         return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * _nbytes(dtype)
 
 
+#: SmolLM2-135M(-Instruct)'s architecture, as in its ``config.json``: 30 layers, 9 query / 3 KV
+#: heads of 64, vocab 49152, bos 1, eos 2, 8192-token context. The mock engine's shape when it has
+#: no model directory (KV bytes per token: 30 * 2 * 3 * 64 * dtype bytes = 23040 in bfloat16).
+SMOLLM2_135M_CONFIG = ModelConfig(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def _nbytes(dtype: str) -> int:
     try:
         return DTYPE_NBYTES[dtype]
@@ -103,37 +127,91 @@ def _nbytes(dtype: str) -> int:
 
 @dataclass
 class EngineConfig:
-    """Settings of one engine (one worker's model, KV cache and scheduler).
+    """Settings of one engine (one worker's executor, KV cache and scheduler).
+
+    Every field is a :func:`tandem.config.option`, so a worker's command line is derived from
+    this class (:func:`tandem.config.add_arguments` / :func:`tandem.config.from_namespace` /
+    :func:`tandem.config.to_argv`). Flags are ``--`` + the field name with ``-`` for ``_``
+    (except ``--threads``), plus the aliases named below (Dynamo mocker's flag names where they
+    mean the same knob).
 
     Attributes:
-        model_dir: prepared model directory (see :func:`tandem.engine.weights.prepare_model`).
+        model_dir: prepared model directory (see :func:`tandem.engine.weights.prepare_model`);
+            ``None`` lets the caller resolve it. The model engine raises ``ValueError`` without
+            one; the mock engine then uses :data:`SMOLLM2_135M_CONFIG`'s shape.
+        engine: ``"model"`` runs the real model (:class:`tandem.engine.runner.ModelExecutor`);
+            ``"mock"`` runs no model (:class:`tandem.engine.mock.MockExecutor`): same scheduler,
+            KV block manager, prefix cache and KV events, synthetic tokens and simulated timing.
         dtype: weights, activations and KV cache dtype: ``"bfloat16"`` or ``"float32"``
-            (``"float16"`` is accepted too, meant for CUDA).
-        block_size: tokens per KV block.
-        num_blocks: KV blocks to allocate; ``None`` derives it from ``kv_cache_gb``.
+            (``"float16"`` is accepted too, meant for CUDA). The mock engine uses it only to size
+            KV blocks (when ``kv_bytes_per_token`` is None).
+        block_size: tokens per KV block (Dynamo: ``--block-size``).
+        num_blocks: KV blocks to allocate; ``None`` derives it from ``kv_cache_gb``
+            (alias ``--num-gpu-blocks-override``, Dynamo's name).
         kv_cache_gb: KV cache budget in GiB (2**30 bytes), used when ``num_blocks`` is None.
         max_num_seqs: most sequences in one batch.
         max_num_batched_tokens: most tokens (prefill + decode) in one forward pass.
         max_model_len: longest sequence (prompt + output) in tokens; ``None`` means the model's
             ``max_position_embeddings``.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
-        num_threads: torch intra-op threads; ``None`` keeps torch's default.
-        device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        num_threads: torch intra-op threads; ``None`` keeps torch's default. Flag ``--threads``
+            (the worker's historical flag; alias ``--num-threads``). Model engine only.
+        device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``). Model engine only.
+        speedup_ratio: mock engine only: simulated step times are divided by this (> 0; a large
+            value means no delay). Dynamo mocker's ``--speedup-ratio``.
+        kv_bytes_per_token: mock engine only: KV bytes one token occupies (all layers, K and V),
+            which sizes :meth:`block_nbytes` (and so ``num_blocks`` from ``kv_cache_gb``) and
+            simulated KV transfers; ``None`` = from the model config and ``dtype``. Dynamo
+            mocker's ``--kv-bytes-per-token``. The model engine always uses the real size.
+        mock_tokens: mock engine only: ``"random"`` (seeded by the request's sampling seed and
+            the token position) or ``"echo"`` (the prompt, repeated). See
+            :class:`tandem.engine.mock.MockExecutor`.
     """
 
-    model_dir: str | Path
-    dtype: str = "bfloat16"
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_cache_gb: float = 1.0
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    num_threads: int | None = None
-    device: str = "cpu"
+    model_dir: str | None = option(
+        None, help="prepared model directory (default: prepared on first use; mock: config.json only)"
+    )
+    engine: Literal["model", "mock"] = option(
+        "model", help="executor: the real model, or a timing-simulated mock with no weights"
+    )
+    dtype: str = option("bfloat16", help="weights/activations/KV dtype: bfloat16, float32 or float16")
+    block_size: int = option(16, help="tokens per KV block (tokens)")
+    num_blocks: int | None = option(
+        None,
+        help="KV blocks to allocate (blocks; default: from --kv-cache-gb)",
+        aliases=("--num-gpu-blocks-override",),
+    )
+    kv_cache_gb: float = option(1.0, help="KV cache budget when --num-blocks is unset (GiB)")
+    max_num_seqs: int = option(32, help="most sequences in one batch (sequences)")
+    max_num_batched_tokens: int = option(512, help="most tokens computed per step (tokens)")
+    max_model_len: int | None = option(
+        None, help="longest sequence, prompt + output (tokens; default: the model's context length)"
+    )
+    enable_prefix_caching: bool = option(True, help="reuse KV blocks of identical prompt prefixes")
+    num_threads: int | None = option(
+        None,
+        help="torch intra-op threads (threads; model engine)",
+        flag="--threads",
+        aliases=("--num-threads",),
+    )
+    device: str = option("cpu", help="torch device: cpu, cuda, cuda:1 (model engine)")
+    speedup_ratio: float = option(
+        1.0, help="mock engine: divide simulated step times by this (> 0; large = no delay)"
+    )
+    kv_bytes_per_token: int | None = option(
+        None, help="mock engine: KV bytes per token (bytes; default: from the model config and dtype)"
+    )
+    mock_tokens: Literal["random", "echo"] = option(
+        "random", help="mock engine: seeded random tokens, or the prompt echoed"
+    )
 
     def __post_init__(self) -> None:
+        if self.model_dir is not None:
+            self.model_dir = str(self.model_dir)  # accept a Path
+        if self.engine not in ("model", "mock"):
+            raise ValueError(f"engine must be 'model' or 'mock', got {self.engine!r}")
+        if self.mock_tokens not in ("random", "echo"):
+            raise ValueError(f"mock_tokens must be 'random' or 'echo', got {self.mock_tokens!r}")
         _nbytes(self.dtype)
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
@@ -149,16 +227,27 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
+        if not (self.speedup_ratio > 0 and math.isfinite(self.speedup_ratio)):
+            raise ValueError(f"speedup_ratio must be positive and finite, got {self.speedup_ratio}")
+        if self.kv_bytes_per_token is not None and self.kv_bytes_per_token <= 0:
+            raise ValueError(f"kv_bytes_per_token must be positive, got {self.kv_bytes_per_token}")
 
     @property
     def dtype_nbytes(self) -> int:
         """Bytes per element of :attr:`dtype`."""
         return _nbytes(self.dtype)
 
+    def kv_token_nbytes(self, model: ModelConfig) -> int:
+        """KV bytes of one token (all layers, K and V): :attr:`kv_bytes_per_token` for the mock
+        engine when set, else ``num_layers * 2 * kv_heads * head_dim * dtype_bytes``."""
+        if self.engine == "mock" and self.kv_bytes_per_token is not None:
+            return self.kv_bytes_per_token
+        return model.kv_bytes_per_token(self.dtype)
+
     def block_nbytes(self, model: ModelConfig) -> int:
-        """Bytes of one KV block (all layers, K and V):
-        ``num_layers * 2 * block_size * kv_heads * head_dim * dtype_bytes``."""
-        return self.block_size * model.kv_bytes_per_token(self.dtype)
+        """Bytes of one KV block (all layers, K and V): ``block_size * kv_token_nbytes(model)``,
+        i.e. ``num_layers * 2 * block_size * kv_heads * head_dim * dtype_bytes`` for the model."""
+        return self.block_size * self.kv_token_nbytes(model)
 
     def resolve_num_blocks(self, model: ModelConfig) -> int:
         """:attr:`num_blocks` if set, else ``floor(kv_cache_gb * 2**30 / block_nbytes)``.

@@ -1,11 +1,15 @@
 """LLMEngine: requests in, tokens out, one :meth:`LLMEngine.step` at a time.
 
 The engine glues the :class:`~tandem.engine.scheduler.Scheduler` (which tokens to compute),
-the :class:`~tandem.engine.runner.ModelRunner` (model + KV cache tensor) and the
-:class:`~tandem.kvbm.manager.KvCacheManager` (block tables, prefix cache, KV events). It knows
-nothing about NATS or NIXL: a worker service drives it from one dedicated thread (the engine is
-not thread-safe) and moves KV bytes itself between :meth:`LLMEngine.import_request` and
-:meth:`LLMEngine.activate_imported`.
+an :class:`~tandem.engine.executor.Executor` (runs a step: the real model,
+:class:`~tandem.engine.runner.ModelExecutor`, or none, :class:`~tandem.engine.mock.MockExecutor`,
+picked by ``EngineConfig.engine``) and the :class:`~tandem.kvbm.manager.KvCacheManager` (block
+tables, prefix cache, KV events), which are the same whichever executor runs. torch is imported
+only when a model executor is built, so a mock engine never loads it. The engine never sleeps:
+a mock step's simulated duration is :attr:`LLMEngine.last_step_simulated_s`, for the caller to
+wait. It knows nothing about NATS or NIXL: a worker service drives it from one dedicated thread
+(the engine is not thread-safe) and moves KV bytes itself between
+:meth:`LLMEngine.import_request` and :meth:`LLMEngine.activate_imported`.
 
 Three ways in:
 
@@ -24,17 +28,20 @@ import random
 import time
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from tandem.engine.config import EngineConfig, ModelConfig
-from tandem.engine.model import LlamaForCausalLM
-from tandem.engine.runner import ModelRunner
+from tandem.engine.config import SMOLLM2_135M_CONFIG, EngineConfig, ModelConfig
+from tandem.engine.executor import Executor
 from tandem.engine.sampling import validate_sampling
 from tandem.engine.scheduler import Scheduler, Sequence
 from tandem.kvbm.hashing import compute_block_hashes
 from tandem.kvbm.manager import KvCacheManager
 from tandem.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.engine.model import LlamaForCausalLM
 
 
 @dataclass
@@ -72,26 +79,39 @@ class LLMEngine:
     """One model, one KV cache, continuous batching. Single-threaded: callers serialize calls.
 
     Args:
-        config: engine settings.
-        model: an already-loaded model to share (tests); default loads ``config.model_dir``.
+        config: engine settings; ``config.engine`` picks the executor.
+        model: an already-loaded model to share (tests; model engine only); default loads
+            ``config.model_dir``.
 
     Attributes:
-        model_config: the model's architecture.
-        kv_cache: ``(num_blocks, L, 2, block_size, Hkv, D)`` tensor (what NIXL registers).
+        model_config: the model's architecture (the mock reads ``<model_dir>/config.json`` too,
+            or assumes :data:`~tandem.engine.config.SMOLLM2_135M_CONFIG` without a model_dir).
+        executor: the :class:`~tandem.engine.executor.Executor` that runs steps (``runner`` is
+            the same object, its former name).
+        kv_cache: ``(num_blocks, L, 2, block_size, Hkv, D)`` tensor (what NIXL registers); None
+            for the mock engine.
         kv: the block manager (``kv.take_events()`` drains KV events; ``kv.stats()``).
-        block_nbytes: bytes of one KV block (all layers, K and V).
+        block_nbytes: bytes of one KV block (all layers, K and V; the mock's
+            ``kv_bytes_per_token`` if set).
         eos_token_id: the model's end-of-sequence token.
         max_model_len: longest sequence, prompt + output (tokens).
+        last_step_tokens: tokens computed by the last :meth:`step` (0 = nothing could run).
+
+    Raises:
+        ValueError: a model engine without ``model_dir`` (and no ``model``), ``model`` given to
+            a mock engine, or settings that do not fit the model (``max_model_len``, KV budget).
+        FileNotFoundError: ``<model_dir>/config.json`` is missing.
     """
 
     def __init__(self, config: EngineConfig, *, model: LlamaForCausalLM | None = None) -> None:
         self.config = config
-        self.model_config = ModelConfig.load(config.model_dir)
+        self.model_config = self._model_config(config, model)
         self.block_size = config.block_size
         self.max_model_len = config.resolve_max_model_len(self.model_config)
         num_blocks = config.resolve_num_blocks(self.model_config)
-        self.runner = ModelRunner(config, self.model_config, num_blocks, model=model)
-        self.kv_cache = self.runner.kv_cache
+        self.executor: Executor = self._build_executor(config, self.model_config, num_blocks, model)
+        self.runner = self.executor  # former name
+        self.kv_cache: Any = self.executor.kv_cache
         self.block_nbytes = config.block_nbytes(self.model_config)
         self.eos_token_id = self.model_config.eos_token_id
         self.kv = KvCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -103,6 +123,34 @@ class LLMEngine:
         self._rng = random.Random()
         self._ids = itertools.count()
         self.last_step_tokens = 0  # tokens computed by the last step (0 = nothing could run)
+        self._last_step_simulated_s = 0.0
+
+    @staticmethod
+    def _model_config(config: EngineConfig, model: LlamaForCausalLM | None) -> ModelConfig:
+        if config.engine == "mock":
+            if model is not None:
+                raise ValueError("model= is for the model engine; the mock engine runs none")
+            if config.model_dir is None:
+                return SMOLLM2_135M_CONFIG
+            return ModelConfig.load(config.model_dir)
+        if config.model_dir is None:
+            if model is not None:
+                cfg: ModelConfig = model.config
+                return cfg
+            raise ValueError("the model engine needs a model_dir")
+        return ModelConfig.load(config.model_dir)
+
+    @staticmethod
+    def _build_executor(
+        config: EngineConfig, model_config: ModelConfig, num_blocks: int, model: LlamaForCausalLM | None
+    ) -> Executor:
+        if config.engine == "mock":
+            from tandem.engine.mock import MockExecutor
+
+            return MockExecutor(config, model_config, num_blocks)
+        from tandem.engine.runner import ModelExecutor  # imports torch
+
+        return ModelExecutor(config, model_config, num_blocks, model=model)
 
     # ---- requests in ---------------------------------------------------------------------------
 
@@ -213,11 +261,14 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         self.last_step_tokens = sched.num_batched_tokens
+        self._last_step_simulated_s = 0.0
         if sched.is_empty:
             return outputs
         t0 = time.perf_counter()
-        tokens = self.runner.execute(sched, self.kv)
-        step_ms = (time.perf_counter() - t0) * 1e3
+        tokens = self.executor.execute(sched, self.kv)
+        self._last_step_simulated_s = self.executor.last_step_simulated_s
+        # The step's duration as the caller sees it: wall time plus the simulated time it waits.
+        step_ms = (time.perf_counter() - t0 + self._last_step_simulated_s) * 1e3
         for item, token in zip(sched.scheduled, tokens, strict=True):
             seq = item.seq
             if seq.num_output_tokens == 0:  # still computing the prompt
@@ -250,6 +301,36 @@ class LLMEngine:
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
+
+    @property
+    def last_step_simulated_s(self) -> float:
+        """Seconds the last :meth:`step` would take on the simulated hardware (mock engine;
+        already divided by ``speedup_ratio``); 0.0 for the model engine and for a step that ran
+        nothing. The engine never sleeps: the caller waits this long after the step."""
+        return self._last_step_simulated_s
+
+    def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
+        """Copy the KV of block ``src_ids[i]`` to ``dst_ids[i]`` in this engine's pool (a ``both``
+        worker decoding its own prefill); no-op for the mock engine.
+
+        Raises ``ValueError`` if the lengths differ, ``IndexError`` for an id outside the pool.
+        """
+        self.executor.copy_blocks(list(src_ids), list(dst_ids))
+
+    def num_waiting_prefill_tokens(self) -> int:
+        """Prompt tokens not computed yet (tokens), over waiting (incl. preempted) and running
+        sequences still in their prompt: ``num_prompt_tokens - num_computed_tokens``. A waiting
+        request's prefix-cache hits are not known until it is admitted, so they are counted;
+        importing requests are not (their KV arrives by transfer)."""
+        total = 0
+        for seq in (*self.scheduler.waiting, *self.scheduler.running):
+            total += max(0, seq.num_prompt_tokens - seq.num_computed_tokens)
+        return total
+
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use (0-1): blocks held by requests, pinned for a transfer or
+        being imported, over all blocks; cached-but-free blocks count as free."""
+        return self.kv.stats().in_use / self.kv.num_blocks
 
     @property
     def num_waiting(self) -> int:

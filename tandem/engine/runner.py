@@ -1,4 +1,7 @@
-"""ModelRunner: owns the model and the KV cache tensor; runs one scheduled step.
+"""ModelExecutor: owns the model and the KV cache tensor; runs one scheduled step.
+
+The real-model implementation of :class:`tandem.engine.executor.Executor` (``engine="model"``);
+``ModelRunner`` is its former name, kept as an alias.
 
 A step is one forward pass over a *varlen* batch: the scheduled tokens of every sequence,
 flattened in :class:`~tandem.engine.scheduler.SchedulerOutput` order. Logits are computed only
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from tandem.engine.config import EngineConfig, ModelConfig
+from tandem.engine.executor import check_copy
 from tandem.engine.model import LlamaForCausalLM, allocate_kv_cache, build_attention_metadata, resolve_dtype
 from tandem.engine.sampling import sample
 from tandem.engine.scheduler import SchedulerOutput
@@ -18,7 +22,7 @@ from tandem.engine.weights import load_model
 from tandem.kvbm.manager import KvCacheManager
 
 
-class ModelRunner:
+class ModelExecutor:
     """Loads the model, allocates the KV cache and executes scheduled steps.
 
     Args:
@@ -30,7 +34,13 @@ class ModelRunner:
     Attributes:
         model: the :class:`LlamaForCausalLM`.
         kv_cache: ``(num_blocks, L, 2, block_size, Hkv, D)`` in the model dtype, on ``device``.
+        last_step_simulated_s: always 0.0 (real work takes real time).
+
+    Raises:
+        ValueError: ``config.model_dir`` is None and no ``model`` is given.
     """
+
+    last_step_simulated_s: float = 0.0
 
     def __init__(
         self,
@@ -44,12 +54,29 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype)
         self.block_size = config.block_size
+        if model is None and config.model_dir is None:
+            raise ValueError("the model engine needs a model_dir")
         self.model: LlamaForCausalLM = (
-            model if model is not None else load_model(config.model_dir, self.dtype, self.device)
+            model if model is not None else load_model(str(config.model_dir), self.dtype, self.device)
         )
+        self.num_blocks = num_blocks
         self.kv_cache = allocate_kv_cache(
             model_config, num_blocks, config.block_size, self.dtype, self.device
         )
+
+    def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
+        """Copy the KV of block ``src_ids[i]`` to ``dst_ids[i]`` (all layers, K and V).
+
+        Raises ``ValueError`` if the lengths differ, ``IndexError`` for a block id outside
+        ``[0, num_blocks)``.
+        """
+        check_copy(src_ids, dst_ids, self.num_blocks)
+        if not src_ids:
+            return
+        with torch.inference_mode():
+            src = torch.tensor(src_ids, dtype=torch.int64, device=self.device)
+            dst = torch.tensor(dst_ids, dtype=torch.int64, device=self.device)
+            self.kv_cache[dst] = self.kv_cache[src]
 
     def execute(self, out: SchedulerOutput, kv: KvCacheManager) -> list[int | None]:
         """Run the model on ``out`` and sample.
@@ -101,3 +128,6 @@ class ModelRunner:
             )
         it = iter(tokens)
         return [next(it) if item.samples else None for item in out.scheduled]
+
+
+ModelRunner = ModelExecutor  # former name

@@ -6,6 +6,9 @@ CDF over the filtered distribution, with tokens ordered by descending logit (sta
 to the lower token id). Nothing depends on the batch the row sits in or on the worker that runs
 it, so a request sampled with a seed gives the same tokens whether its prefill and its decode ran
 on one worker or on two.
+
+torch is imported only by :func:`sample` (lazily): :func:`validate_sampling` and :func:`uniform`
+serve the mock engine, which must not load torch.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
 import xxhash
 
 from tandem.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 _U64 = (1 << 64) - 1
 _UNIFORM_HASH_SEED = 0x5EED_7A9D  # domain separator: these hashes are not block hashes
@@ -65,6 +71,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], positions: Se
     Raises:
         ValueError: if the lengths of ``logits``, ``params`` and ``positions`` disagree.
     """
+    import torch
+
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(positions):
         raise ValueError(
             f"logits {tuple(logits.shape)}, {len(params)} params and {len(positions)} positions disagree"
@@ -94,6 +102,8 @@ def _sample_random(
     uniforms: list[float],
 ) -> list[int]:
     """Inverse-CDF sampling of ``(R, V)`` logits with per-row filters and one uniform per row."""
+    import torch
+
     vocab = logits.shape[1]
     sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True, stable=True)  # (R, V) each
     temp = torch.tensor(temperature, dtype=torch.float64).unsqueeze(1)  # (R, 1)

@@ -50,7 +50,7 @@ def make_engine(model_dir: Path, model: LlamaForCausalLM) -> Iterator:
 
     def make(**kw: object) -> LLMEngine:
         cfg: dict = {"dtype": "float32", "block_size": 16, "num_blocks": 64, "num_threads": 1, **kw}
-        eng = LLMEngine(EngineConfig(model_dir=model_dir, **cfg), model=model)
+        eng = LLMEngine(EngineConfig(model_dir=str(model_dir), **cfg), model=model)
         engines.append(eng)
         return eng
 
@@ -66,7 +66,11 @@ def reference(model_dir: Path, model: LlamaForCausalLM) -> dict[tuple[int, str],
     """Tokens of each prompt run alone, with no prefix cache, greedy and seeded."""
     eng = LLMEngine(
         EngineConfig(
-            model_dir=model_dir, dtype="float32", num_blocks=64, enable_prefix_caching=False, num_threads=1
+            model_dir=str(model_dir),
+            dtype="float32",
+            num_blocks=64,
+            enable_prefix_caching=False,
+            num_threads=1,
         ),
         model=model,
     )
