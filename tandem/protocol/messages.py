@@ -301,6 +301,11 @@ class InstanceInfo(Message, tag="instance"):
     engine: str = "model"
     #: How the decode side moves this worker's KV: ``"nixl"`` or ``"simulated"`` (mocker).
     kv_transport: str = "nixl"
+    #: (added for issue #5, worker; owner: worker) A prefill-capable NIXL worker's descriptor of
+    #: one block of its KV pool (``(addr, nbytes, dev_id)``): a decode worker READs it once when
+    #: this worker registers, so its first real READ from it runs at full speed (NIXL warm-up,
+    #: ``tandem.services.worker.decode``). None: nothing to warm up (simulated, decode-only).
+    kv_probe: tuple[int, int, int] | None = None
 
     @property
     def can_prefill(self) -> bool:
@@ -404,3 +409,22 @@ __all__ = [
     "decoder",
     "encode",
 ]
+
+
+# ---- router: request completion (added for issue #5, routing policy; owner: router) -------------
+
+
+class RequestFinished(Message, tag="request_finished"):
+    """A decode worker's stream for ``request_id`` ended (any reason: stop, length, abort, error).
+
+    Published by the decode worker on ``Subjects.request_finished`` once the final chunk is out;
+    every router replica subscribes (no queue group) and the one that dispatched the request
+    stops counting its blocks as that worker's load (``tandem/services/router/active.py``).
+    """
+
+    request_id: str
+    worker_id: str
+    finish_reason: FinishReason | None = None
+
+
+__all__ += ["RequestFinished"]

@@ -1,7 +1,7 @@
 """Every NATS subject, stream and bucket name tandem uses, in one place.
 
 Namespace ``ns`` defaults to ``tandem``; several deployments can share one NATS server by using
-different namespaces. See ``DESIGN.md`` ("Subjects") for who publishes and who subscribes.
+different namespaces. See ``docs/design.md`` and README ("Internal subjects") for who publishes and who subscribes.
 """
 
 from __future__ import annotations
@@ -92,3 +92,10 @@ class Subjects:
     ROUTER_QUEUE = "router"
     INDEXER_QUEUE = "indexer"
     FRONTEND_QUEUE = "frontend"
+
+    # ---- router: request completion (added for issue #5, routing policy; owner: router) -----
+    @property
+    def request_finished(self) -> str:
+        """RequestFinished, published by decode workers when a request's stream ends; every
+        router replica subscribes (no queue group)."""
+        return f"{self.ns}.router.finished"

@@ -27,6 +27,7 @@ from tandem.protocol.messages import (
     OverlapScores,
     PrefillRequest,
     PrefillResult,
+    RequestFinished,
     RouteRequest,
     SamplingParams,
     TokenChunk,
@@ -119,6 +120,7 @@ class Env:
         self.overlap: dict[str, int] = {}
         self.svc: ServiceBase | None = None
         self.router: PrefillRouter | None = None
+        self.replicas: list[ServiceBase] = []
 
     async def add_worker(self, worker: FakeWorker) -> FakeWorker:
         s = self.subjects
@@ -141,7 +143,7 @@ class Env:
             await self.router.registry.wait_for(lambda d: worker.id in d, timeout=3)
         return worker
 
-    async def start_router(self, **config: float) -> PrefillRouter:
+    async def start_router(self, **config: object) -> PrefillRouter:
         async def overlap(q: OverlapQuery, _m: NatsMsg) -> OverlapScores:
             return OverlapScores(request_id=q.request_id, scores=dict(self.overlap))
 
@@ -156,7 +158,19 @@ class Env:
         await wait_for_interest(self.nc, self.subjects.router_generate)
         return self.router
 
-    async def route(self, n_tokens: int, *, seed: int | None = None, request_id: str | None = None) -> Inbox:
+    async def add_replica(self, **config: object) -> PrefillRouter:
+        """Another router in the same queue group (after :meth:`start_router`)."""
+        svc = ServiceBase("router", nats_url=self.nats_url, namespace=self.ns, drain_timeout_s=2.0)
+        await svc.start()
+        self.replicas.append(svc)
+        cfg = RouterConfig(**{"disagg_min_tokens": 8, "ack_timeout_s": 1.0, **config})  # type: ignore[arg-type]
+        router = PrefillRouter(svc, cfg)
+        await router.start()
+        return router
+
+    async def route(
+        self, n_tokens: int, *, seed: int | None = None, request_id: str | None = None, prefix: int = 1000
+    ) -> Inbox:
         inbox = Inbox(self.nc)
         await inbox.start()
         tokens = list(range(1, n_tokens + 1))
@@ -164,7 +178,7 @@ class Env:
             request_id=request_id or uuid.uuid4().hex,
             model="m",
             token_ids=tokens,
-            block_hashes=[1000 + i for i in range(n_tokens // BLOCK)],
+            block_hashes=[prefix + i for i in range(n_tokens // BLOCK)],
             sampling=SamplingParams(max_tokens=4, seed=seed),
             reply_to=inbox.subject,
         )
@@ -173,6 +187,8 @@ class Env:
         return inbox
 
     async def close(self) -> None:
+        for svc in self.replicas:
+            await svc.shutdown()
         if self.svc is not None:
             await self.svc.shutdown()
         for sub in self.subs:
@@ -460,3 +476,97 @@ async def test_bad_route_request_gets_400(env: Env) -> None:
     resp = await env.nc.request(env.subjects.router_generate, b"\x93\x01\x02\x03", timeout=2)
     err = msgspec.msgpack.decode(resp.data, type=ErrorReply)
     assert err.code == 400
+
+
+# ---- routing modes, busy workers, completion signal, replicas ------------------------------------------
+
+
+async def test_round_robin_mode_cycles_decode_workers(env: Env) -> None:
+    ws = [await env.add_worker(FakeWorker(f"d{i}", "decode")) for i in range(3)]
+    env.overlap = {"d2": 5}  # ignored by round-robin
+    router = await env.start_router(router_mode="round-robin")
+    order = []
+    for n in range(1, 7):  # one at a time: record who got each request
+        before = [len(w.decodes) for w in ws]
+        await env.route(20)
+        await eventually(lambda: sum(len(w.decodes) for w in ws) == n)  # noqa: B023
+        order += [w.id for w, b in zip(ws, before, strict=True) if len(w.decodes) > b]
+    assert order == ["d0", "d1", "d2", "d0", "d1", "d2"]
+    ok, detail = router._readiness()
+    assert ok and "mode=round-robin" in detail and "decide_p99_us=" in detail
+    assert router.stats()["decisions"] == 6
+
+
+async def test_all_workers_busy_gives_503_with_retry_after(env: Env) -> None:
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    router = await env.start_router(active_decode_blocks_threshold=0.01, busy_retry_after_s=2.0)
+    first = await env.route(80, request_id="rq-big")  # 20 blocks of 4 > 1% of 1000
+    await eventually(lambda: len(d.decodes) == 1)
+    assert router.scheduler.active.owner("rq-big") == "d1"
+
+    inbox = await env.route(20, prefix=5000)
+    [chunk] = await inbox.wait(1)
+    assert isinstance(chunk, TokenChunk) and chunk.finish_reason == "error" and chunk.error is not None
+    assert chunk.error.code == 503 and chunk.error.type == "service_unavailable"
+    assert chunk.error.retry_after_s == 2.0 and "busy" in chunk.error.message
+    assert len(d.decodes) == 1 and first.items == []
+
+    # The decode worker reports the request finished: the router stops counting it.
+    await env.nc.publish(
+        env.subjects.request_finished, encode(RequestFinished(request_id="rq-big", worker_id="d1"))
+    )
+    await eventually(lambda: router.scheduler.active.owner("rq-big") is None)
+    await env.route(20, prefix=5000)
+    await eventually(lambda: len(d.decodes) == 2)
+
+
+async def test_cancel_after_hand_off_releases_tracked_load(env: Env) -> None:
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    router = await env.start_router()
+    await env.route(40, request_id="rq-c")
+    await eventually(lambda: len(d.decodes) == 1)
+    assert router.scheduler.active.owner("rq-c") == "d1"
+    await env.nc.publish(env.subjects.cancel, encode(Cancel(request_id="rq-c")))
+    await eventually(lambda: router.scheduler.active.owner("rq-c") is None)
+    assert "rq-c" not in router._early_cancels
+
+
+async def test_replicas_track_only_their_own_requests(env: Env) -> None:
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    r1 = await env.start_router()
+    r2 = await env.add_replica()
+    n = 12
+    for k in range(n):
+        await env.route(40, request_id=f"rq-{k}")
+    await eventually(lambda: len(d.decodes) == n)
+    a, b = r1.scheduler.active, r2.scheduler.active
+    mine = {f"rq-{k}": (a.owner(f"rq-{k}"), b.owner(f"rq-{k}")) for k in range(n)}
+    # every request is tracked by exactly one replica (the one the queue group gave it to)
+    assert all((x is None) != (y is None) for x, y in mine.values())
+    assert len(a) + len(b) == n
+    for k in range(n):  # the finished notification is broadcast; only the owner acts
+        await env.nc.publish(
+            env.subjects.request_finished, encode(RequestFinished(request_id=f"rq-{k}", worker_id="d1"))
+        )
+    await eventually(lambda: len(a) + len(b) == 0)
+
+
+async def test_saturated_prefill_worker_means_local_prefill(env: Env) -> None:
+    release = asyncio.Event()
+
+    async def hold(_req: PrefillRequest) -> None:
+        await release.wait()
+
+    p = await env.add_worker(FakeWorker("p1", "prefill", prefill_hook=hold))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    await env.start_router(max_prefill_queue_tokens=60)
+    await env.route(40, prefix=1000)  # p1 queue: 0 → remote (40 queued)
+    await eventually(lambda: len(p.prefills) == 1)
+    await env.route(40, prefix=2000)  # 40 < 60 → remote (80 queued)
+    await eventually(lambda: len(p.prefills) == 2)
+    await env.route(40, prefix=3000)  # 80 >= 60 and d1 has none queued → d1 prefills itself
+    await eventually(lambda: len(d.decodes) == 1)
+    assert d.decodes[0].kv is None and len(p.prefills) == 2
+    release.set()
+    await eventually(lambda: len(d.decodes) == 3)
+    assert sum(1 for x in d.decodes if x.kv is not None) == 2

@@ -4,72 +4,74 @@ Life cycle of one request (``RouteRequest`` on ``{ns}.router.generate``, queue g
 ---------------------------------------------------------------------------------------------------
 States (:class:`Phase`), in order; every request ends in exactly one of the last four:
 
-``RECEIVED``
+1. ``RECEIVED``
     Decoded by :func:`~tandem.services.runtime.serve` (a bad payload gets ``ErrorReply(400)`` on
     the message's reply subject). ``sampling.seed`` is set to a random 32-bit seed when None, so
     the tokens do not depend on which worker runs the request.
-``ROUTING``
-    ``OverlapQuery`` to the indexer (``--overlap-timeout-s``; timeout or error → no overlap).
-    Candidates come from the instances bucket: prefill-capable = role ``prefill`` or ``both``,
-    decode-capable = role ``decode`` or ``both``. No decode-capable worker → error chunk 503.
-    The *local* choice is the decode-capable worker with the lowest
-    ``overlap_weight × uncached_blocks + decode_load``. The request is disaggregated only if
-    some worker has role ``prefill``, and the prompt tokens the local choice does not cache
-    are at least ``--disagg-min-tokens``, and the chosen prefill worker is not itself the chosen
-    decode worker. Otherwise → ``DISPATCHING`` with ``DecodeRequest(kv=None)`` to the local choice.
-``PREFILLING``
-    Prefill worker = lowest ``overlap_weight × uncached_blocks + prefill_load``;
-    ``PrefillRequest`` → ``PrefillResult`` (``--prefill-timeout-s``). While it runs the router
-    counts the request's uncached blocks as that worker's in-flight load.
-``FIRST_TOKEN``
+2. ``ROUTING``
+    ``OverlapQuery`` to the indexer (``--overlap-timeout-s``; timeout or error → no overlap),
+    then :meth:`RouterScheduler.decide <tandem.services.router.scheduler.RouterScheduler.decide>`
+    (pure, timed): candidates from the instances bucket (``InstanceInfo.can_decode`` /
+    ``can_prefill``) as :class:`~tandem.services.router.policy.WorkerState` values, busy ones
+    dropped, ranked by the ``--router-mode`` policy (see :mod:`.policy`). No decode-capable worker
+    → error chunk 503; every decode-capable worker busy → error chunk 503 with
+    ``retry_after_s`` (``--busy-retry-after-s``; the frontend sends HTTP ``Retry-After``).
+    The request is disaggregated only if some worker has role ``prefill``, the prompt tokens the
+    local (decode) choice lacks reach ``--disagg-min-tokens``, a free prefill worker exists and
+    is not saturated (``--max-prefill-queue-tokens``), and a decode worker with its
+    ``compat_hash`` other than it exists. Otherwise → ``DISPATCHING`` with
+    ``DecodeRequest(kv=None)`` to the local choice, which prefills itself.
+3. ``PREFILLING``
+    ``PrefillRequest`` → ``PrefillResult`` (``--prefill-timeout-s``) to the ranked prefill
+    workers (:meth:`PrefillRouter._try_candidates`). While it runs, the request's blocks and
+    uncached prompt tokens count as that worker's load in this router's
+    :class:`~tandem.services.router.active.ActiveTracker`; they leave when the answer comes.
+4. ``FIRST_TOKEN``
     ``TokenChunk(index=0, [first_token], worker_id=prefill worker)`` published to ``reply_to`` at
     once (TTFT = prefill). If the prefill finished the request (``finish_reason`` set) that chunk
     is final and carries the metrics → ``FINISHED``. Otherwise the prompt's KV is now *pinned* on
     the prefill worker.
-``DISPATCHING``
+5. ``DISPATCHING``
     ``DecodeRequest`` (with ``first_token``, ``kv``, ``prefill_worker_id`` and
     ``metrics=RequestMetrics(prefill_worker, cached_tokens, prefill_ms)`` when disaggregated) to
-    the decode worker with the lowest ``decode_load`` (same ``compat_hash`` as the prefill
-    worker; more overlap breaks ties), awaiting its ``Ack`` (``--ack-timeout-s``).
-``HANDED_OFF``
-    Acked: the decode worker streams the remaining chunks straight to ``reply_to``.
-``FINISHED``
+    the ranked decode workers — for a disaggregated request ranked now, on the current load,
+    among those with the prefill worker's ``compat_hash`` — awaiting the ``Ack``
+    (``--ack-timeout-s``). The request's blocks count as the decode worker's load from the send.
+6. ``HANDED_OFF``
+    Acked: the decode worker streams the remaining chunks straight to ``reply_to``. The router
+    keeps counting the request's blocks on that worker until ``RequestFinished`` (or a
+    ``Cancel``) for it arrives, a heartbeat shows it cannot be there any more, or its lease
+    ends (see :mod:`.active`).
+7. ``FINISHED``
     The prefill worker's first token ended the request.
-``FAILED``
+8. ``FAILED``
     Any error: a final ``TokenChunk(finish_reason="error", error=ErrorReply(code, ...))`` goes to
     ``reply_to`` (index 0, or 1 when chunk 0 was already sent), and if KV may be pinned (prefill
     answered or timed out) a ``Cancel`` goes to that prefill worker's cancel subject to free it.
-``CANCELLED``
+9. ``CANCELLED``
     A ``Cancel`` for the request (``{ns}.cancel``, broadcast) arrived before the decode worker
     acked: nothing more is forwarded or sent, and pinned KV is freed with a ``Cancel`` to the
     prefill worker. (Cancels arriving before their request are remembered for a minute.)
 
 A worker that stopped answering (``no responders``) before it accepted anything is skipped and
-the next best candidate tried (at most ``MAX_ATTEMPTS`` per step).
+the next ranked candidate tried (at most ``MAX_ATTEMPTS`` per step).
 
-Load model (per worker, all from this router's view)
-----------------------------------------------------
-* ``prefill_load`` = uncached blocks of this router's prefills in flight on the worker
-  + reported ``num_waiting`` (+ ``num_running`` for role ``both``, which also decodes).
-* ``decode_load`` = reported ``num_running + num_waiting`` + requests this router dispatched to
-  it since its last heartbeat + KV usage ``used_blocks / num_blocks`` (0–1).
-
-Costs mix blocks and sequences on purpose: one waiting sequence weighs about one uncached
-block. ``--overlap-weight`` scales the cache term.
+Replicas: several routers may serve the queue group. They share the KV indexer's overlap answers
+and the instances bucket (worker list + heartbeat load); each keeps its own in-flight tracking
+and merges it with the heartbeat load (see :mod:`.active` and ``docs/router.md``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import enum
-import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 from nats.aio.msg import Msg as NatsMsg
@@ -84,6 +86,7 @@ from tandem.protocol.messages import (
     OverlapScores,
     PrefillRequest,
     PrefillResult,
+    RequestFinished,
     RequestMetrics,
     RouteRequest,
     TokenChunk,
@@ -93,11 +96,12 @@ from tandem.services.runtime import (
     NoRespondersError,
     ServiceBase,
     ServiceError,
-    common_parser,
     publish,
     request,
-    run_service,
 )
+
+from .config import RouterConfig
+from .scheduler import Decision, RouterScheduler, RoutingError
 
 SERVICE = "router"
 #: Tries per step (prefill, decode dispatch) when a chosen worker has no responders.
@@ -105,6 +109,8 @@ MAX_ATTEMPTS = 2
 #: How long a Cancel that arrived before its request is remembered (seconds), and how many.
 EARLY_CANCEL_TTL_S = 60.0
 EARLY_CANCEL_MAX = 4096
+
+T = TypeVar("T")
 
 
 class Phase(enum.Enum):
@@ -121,17 +127,6 @@ class Phase(enum.Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass(frozen=True, slots=True)
-class RouterConfig:
-    """Router knobs. Durations in seconds, sizes in tokens."""
-
-    disagg_min_tokens: int = 64
-    overlap_weight: float = 1.0
-    overlap_timeout_s: float = 0.1
-    prefill_timeout_s: float = 120.0
-    ack_timeout_s: float = 5.0
-
-
 @dataclass(slots=True)
 class _Request:
     req: RouteRequest
@@ -141,22 +136,8 @@ class _Request:
     prefill_worker: str | None = None  # set once KV may be pinned there
 
 
-@dataclass(slots=True)
-class _WorkerLoad:
-    inflight_prefill_blocks: int = 0
-    dispatched: int = 0  # decode dispatches since the heartbeat below
-    dispatched_hb: float = 0.0
-
-
 class _Cancelled(Exception):
     """The request was cancelled while the router held it."""
-
-
-@dataclass(slots=True)
-class _Decision:
-    decode: InstanceInfo
-    prefill: InstanceInfo | None = None
-    scores: dict[str, int] = field(default_factory=dict)
 
 
 class PrefillRouter:
@@ -170,36 +151,55 @@ class PrefillRouter:
         self.registry = InstanceRegistry(svc.js, svc.subjects)
         self.log = svc.log
         self._rng = rng or random.Random()
+        self.scheduler = RouterScheduler(self.config, rng=self._rng, max_attempts=MAX_ATTEMPTS)
         self._requests: dict[str, _Request] = {}
-        self._loads: dict[str, _WorkerLoad] = {}
         self._early_cancels: OrderedDict[str, float] = OrderedDict()
         self.counts: dict[str, int] = {p.value: 0 for p in Phase}
 
     async def start(self) -> None:
-        """Watch the instances bucket and serve ``router.generate`` and ``cancel``."""
+        """Watch the instances bucket and serve ``router.generate``, ``cancel`` and
+        ``router.finished``."""
         svc = self.svc
         self.registry.on_removed(self._on_worker_removed)
         await self.registry.start()
         svc.on_close(self.registry.stop)
         svc.readiness = self._readiness
         await svc.serve(svc.subjects.cancel, Cancel, self._on_cancel)
+        await svc.serve(svc.subjects.request_finished, RequestFinished, self._on_finished)
         await svc.serve(
             svc.subjects.router_generate, RouteRequest, self.on_route, queue=svc.subjects.ROUTER_QUEUE
         )
 
+    def stats(self) -> dict[str, float]:
+        """Decision time (``p50_us``, ``p99_us``, ``max_us`` over the last 4096 decisions,
+        ``decisions``) and tracking figures (``tracked`` requests, ``reconciled``, ``expired``)."""
+        out = self.scheduler.timer.stats()
+        active = self.scheduler.active
+        out.update(
+            tracked=float(len(active)), reconciled=float(active.reconciled), expired=float(active.expired)
+        )
+        return out
+
     def _readiness(self) -> tuple[bool, str]:
         infos = self.registry.instances.values()
-        n_prefill = sum(1 for i in infos if i.role in ("prefill", "both"))
-        n_decode = sum(1 for i in infos if i.role in ("decode", "both"))
-        return True, f"prefill_workers={n_prefill} decode_workers={n_decode} inflight={len(self._requests)}"
+        n_prefill = sum(1 for i in infos if i.can_prefill)
+        n_decode = sum(1 for i in infos if i.can_decode)
+        s = self.stats()
+        return True, (
+            f"prefill_workers={n_prefill} decode_workers={n_decode} inflight={len(self._requests)} "
+            f"mode={self.config.router_mode} tracked={int(s['tracked'])} decisions={int(s['decisions'])} "
+            f"decide_p50_us={s['p50_us']:.1f} decide_p99_us={s['p99_us']:.1f}"
+        )
 
-    # ---- cancel -----------------------------------------------------------------------------------
+    # ---- cancel / finished / workers ---------------------------------------------------------------
 
     async def _on_cancel(self, msg: Cancel, _nmsg: NatsMsg) -> None:
         st = self._requests.get(msg.request_id)
         if st is not None:
             st.cancelled = True
             return
+        if self.scheduler.active.free(msg.request_id):
+            return  # handed off earlier: the worker drops it now
         now = time.monotonic()
         self._early_cancels[msg.request_id] = now
         while self._early_cancels:
@@ -208,8 +208,12 @@ class PrefillRouter:
                 break
             del self._early_cancels[rid]
 
+    async def _on_finished(self, msg: RequestFinished, _nmsg: NatsMsg) -> None:
+        """A decode worker finished a request: stop counting it (no-op if another replica sent it)."""
+        self.scheduler.active.free(msg.request_id, msg.worker_id or None)
+
     async def _on_worker_removed(self, info: InstanceInfo) -> None:
-        self._loads.pop(info.instance_id, None)
+        self.scheduler.active.remove_worker(info.instance_id)
 
     def _check_cancelled(self, st: _Request) -> None:
         if st.cancelled:
@@ -236,6 +240,8 @@ class PrefillRouter:
         except asyncio.CancelledError:  # router shutting down mid-request
             await self._fail(st, 503, "router shutting down", "service_unavailable")
             raise
+        except RoutingError as e:
+            await self._fail(st, e.code, e.message, e.type, retry_after_s=e.retry_after_s)
         except ServiceError as e:
             if st.cancelled:
                 st.phase = Phase.CANCELLED
@@ -261,11 +267,21 @@ class PrefillRouter:
         self._check_cancelled(st)
         scores = await self._overlap(req)
         self._check_cancelled(st)
-        decision = self._decide(req, scores)
+        decision = self.scheduler.decide(
+            self.registry.instances, len(req.token_ids), req.block_hashes, scores
+        )
+        self.log.debug(
+            "routed",
+            reason=decision.reason,
+            local=decision.local[0].instance_id,
+            prefill=decision.prefill[0].instance_id if decision.prefill else None,
+        )
+        # No await between the decision and the first bookkeeping ``add``: concurrent requests
+        # see this one's load.
         if decision.prefill is None:
             await self._dispatch_local(st, decision)
         else:
-            await self._disaggregate(st, decision)
+            await self._disaggregate(st, decision, decision.prefill)
 
     async def _overlap(self, req: RouteRequest) -> dict[str, int]:
         if not req.block_hashes:
@@ -283,92 +299,32 @@ class PrefillRouter:
             return {}
         return reply.scores
 
-    # ---- decisions ---------------------------------------------------------------------------------
+    async def _try_candidates(
+        self,
+        st: _Request,
+        candidates: Sequence[InstanceInfo],
+        attempt: Callable[[InstanceInfo], Awaitable[T]],
+        what: str,
+    ) -> tuple[InstanceInfo, T]:
+        """``await attempt(worker)`` on the ranked candidates until one answers.
 
-    def _cached_tokens(self, req: RouteRequest, info: InstanceInfo, scores: dict[str, int]) -> int:
-        return min(scores.get(info.instance_id, 0) * info.block_size, len(req.token_ids))
-
-    def _uncached_blocks(self, req: RouteRequest, info: InstanceInfo, scores: dict[str, int]) -> int:
-        uncached = len(req.token_ids) - self._cached_tokens(req, info, scores)
-        return math.ceil(uncached / max(1, info.block_size))
-
-    def _load(self, worker_id: str) -> _WorkerLoad:
-        load = self._loads.get(worker_id)
-        if load is None:
-            load = self._loads[worker_id] = _WorkerLoad()
-        return load
-
-    def prefill_load(self, info: InstanceInfo) -> float:
-        """See the module docstring (blocks + sequences)."""
-        reported = info.load.num_waiting + (info.load.num_running if info.role == "both" else 0)
-        return float(self._load(info.instance_id).inflight_prefill_blocks + reported)
-
-    def decode_load(self, info: InstanceInfo) -> float:
-        """See the module docstring (sequences + KV usage fraction)."""
-        own = self._load(info.instance_id)
-        dispatched = own.dispatched if own.dispatched_hb == info.heartbeat_at else 0
-        usage = info.load.used_blocks / info.num_blocks if info.num_blocks > 0 else 0.0
-        return info.load.num_running + info.load.num_waiting + dispatched + usage
-
-    def _pick(
-        self, candidates: Iterable[InstanceInfo], cost: Callable[[InstanceInfo], float]
-    ) -> list[InstanceInfo]:
-        """Candidates by ascending cost; equal costs in random order."""
-        ranked = [(cost(i), self._rng.random(), i) for i in candidates]
-        ranked.sort(key=lambda t: (t[0], t[1]))
-        return [i for _, _, i in ranked]
-
-    def _decide(self, req: RouteRequest, scores: dict[str, int]) -> _Decision:
-        infos = list(self.registry.instances.values())
-        decoders = [i for i in infos if i.role in ("decode", "both")]
-        if not decoders:
-            raise ServiceError(503, "no decode-capable worker is registered", type="service_unavailable")
-        w = self.config.overlap_weight
-        local = self._pick(
-            decoders, lambda i: w * self._uncached_blocks(req, i, scores) + self.decode_load(i)
-        )[0]
-        uncached_tokens = len(req.token_ids) - self._cached_tokens(req, local, scores)
-        has_prefill_role = any(i.role == "prefill" for i in infos)
-        if uncached_tokens < self.config.disagg_min_tokens or not has_prefill_role:
-            return _Decision(decode=local, scores=scores)
-        prefillers = [i for i in infos if i.role in ("prefill", "both")]
-        prefill = self._pick(
-            prefillers, lambda i: w * self._uncached_blocks(req, i, scores) + self.prefill_load(i)
-        )[0]
-        same_kv = [i for i in decoders if i.compat_hash == prefill.compat_hash]
-        if not same_kv:
-            return _Decision(decode=local, scores=scores)
-        decode = self._rank_decoders(same_kv, scores)[0]
-        if decode.instance_id == prefill.instance_id:
-            return _Decision(decode=local, scores=scores)
-        return _Decision(decode=decode, prefill=prefill, scores=scores)
-
-    def _rank_decoders(self, decoders: list[InstanceInfo], scores: dict[str, int]) -> list[InstanceInfo]:
-        ranked = [
-            (self.decode_load(i), -scores.get(i.instance_id, 0), self._rng.random(), i) for i in decoders
-        ]
-        ranked.sort(key=lambda t: (t[0], t[1], t[2]))
-        return [t[3] for t in ranked]
-
-    def _alternatives(
-        self, chosen: InstanceInfo, roles: tuple[str, ...], compat: str | None
-    ) -> list[InstanceInfo]:
-        """Other live workers to try if ``chosen`` has no responders (best first)."""
-        others = [
-            i
-            for i in self.registry.instances.values()
-            if i.instance_id != chosen.instance_id
-            and i.role in roles
-            and (compat is None or i.compat_hash == compat)
-        ]
-        return [chosen, *self._pick(others, self.decode_load if "decode" in roles else self.prefill_load)]
+        A worker with no responders (gone since its last heartbeat) is skipped, at most
+        ``MAX_ATTEMPTS`` are tried; any other error propagates. Raises ``ServiceError(503)``
+        when none answered.
+        """
+        for n, info in enumerate(candidates[:MAX_ATTEMPTS]):
+            self._check_cancelled(st)
+            try:
+                return info, await attempt(info)
+            except NoRespondersError:
+                self.log.warning(f"{what}_worker_gone", worker_id=info.instance_id, attempt=n)
+        raise ServiceError(503, f"no {what} worker answered", type="service_unavailable")
 
     # ---- the two paths ---------------------------------------------------------------------------
 
-    async def _dispatch_local(self, st: _Request, d: _Decision) -> None:
+    async def _dispatch_local(self, st: _Request, d: Decision) -> None:
         req = st.req
         st.phase = Phase.DISPATCHING
-        self.log.debug("route_local", decode_worker=d.decode.instance_id, overlap=d.scores)
         msg = DecodeRequest(
             request_id=req.request_id,
             token_ids=req.token_ids,
@@ -376,45 +332,38 @@ class PrefillRouter:
             sampling=req.sampling,
             reply_to=req.reply_to,
         )
-        await self._send_decode(st, msg, self._alternatives(d.decode, ("decode", "both"), None))
+        await self._send_decode(st, msg, d.local, d.scores, local_prefill=True)
 
-    async def _disaggregate(self, st: _Request, d: _Decision) -> None:
+    async def _disaggregate(self, st: _Request, d: Decision, prefill_ranked: list[InstanceInfo]) -> None:
         req = st.req
-        prefill = d.prefill
-        if prefill is None:  # pragma: no cover - caller checks
-            raise ServiceError(500, "no prefill worker chosen")
+        active = self.scheduler.active
+        n_tokens = len(req.token_ids)
         st.phase = Phase.PREFILLING
-        result: PrefillResult | None = None
         msg = PrefillRequest(
             request_id=req.request_id,
             token_ids=req.token_ids,
             block_hashes=req.block_hashes,
             sampling=req.sampling,
         )
-        for attempt, info in enumerate(self._alternatives(prefill, ("prefill", "both"), None)[:MAX_ATTEMPTS]):
-            self._check_cancelled(st)
-            blocks = self._uncached_blocks(req, info, d.scores)
-            load = self._load(info.instance_id)
-            load.inflight_prefill_blocks += blocks
+
+        async def prefill_on(info: InstanceInfo) -> PrefillResult:
+            uncached = self.scheduler.uncached_tokens(info, n_tokens, d.scores)
+            active.add(info, req.request_id, req.block_hashes, n_tokens, uncached, now=time.time())
             try:
-                result = await request(
+                return await request(
                     self.svc.nc,
                     self.svc.subjects.worker_prefill(info.instance_id),
                     msg,
                     PrefillResult,
                     timeout=self.config.prefill_timeout_s,
                 )
-                break
-            except NoRespondersError:
-                self.log.warning("prefill_worker_gone", worker_id=info.instance_id, attempt=attempt)
-                continue
             except TimeoutError:
                 st.prefill_worker = info.instance_id  # it may still finish and pin KV
                 raise
             finally:
-                load.inflight_prefill_blocks -= blocks
-        if result is None:
-            raise ServiceError(503, "no prefill worker answered", type="service_unavailable")
+                active.free(req.request_id, info.instance_id)
+
+        prefill, result = await self._try_candidates(st, prefill_ranked, prefill_on, "prefill")
         if result.kv is not None:
             st.prefill_worker = result.worker_id or prefill.instance_id
         self._check_cancelled(st)
@@ -456,17 +405,43 @@ class PrefillRouter:
             prefill_worker_id=result.worker_id,
             metrics=metrics,
         )
-        candidates = self._alternatives(d.decode, ("decode", "both"), d.decode.compat_hash)
-        candidates = [i for i in candidates if i.instance_id != result.worker_id]
-        await self._send_decode(st, decode_msg, candidates)
+        ranked = self.scheduler.rank_decode(
+            self.registry.instances,
+            n_tokens,
+            req.block_hashes,
+            d.scores,
+            prefill_worker=result.worker_id or prefill.instance_id,
+            compat_hash=result.kv.compat_hash or prefill.compat_hash,
+        )
+        if not ranked:
+            raise ServiceError(
+                503, "no decode worker can import the prefill worker's KV", type="service_unavailable"
+            )
+        await self._send_decode(st, decode_msg, ranked, d.scores, local_prefill=False)
 
-    async def _send_decode(self, st: _Request, msg: DecodeRequest, candidates: list[InstanceInfo]) -> None:
-        for attempt, info in enumerate(candidates[:MAX_ATTEMPTS]):
-            self._check_cancelled(st)
-            load = self._load(info.instance_id)
-            if load.dispatched_hb != info.heartbeat_at:
-                load.dispatched_hb, load.dispatched = info.heartbeat_at, 0
-            load.dispatched += 1
+    async def _send_decode(
+        self,
+        st: _Request,
+        msg: DecodeRequest,
+        candidates: Sequence[InstanceInfo],
+        scores: dict[str, int],
+        *,
+        local_prefill: bool,
+    ) -> None:
+        active = self.scheduler.active
+        n_tokens = len(msg.token_ids)
+
+        async def decode_on(info: InstanceInfo) -> Ack:
+            uncached = self.scheduler.uncached_tokens(info, n_tokens, scores) if local_prefill else 0
+            active.add(
+                info,
+                msg.request_id,
+                msg.block_hashes,
+                n_tokens,
+                uncached,
+                now=time.time(),
+                prefill_until_heartbeat=local_prefill,
+            )
             try:
                 ack = await request(
                     self.svc.nc,
@@ -475,19 +450,22 @@ class PrefillRouter:
                     Ack,
                     timeout=self.config.ack_timeout_s,
                 )
-            except NoRespondersError:
-                load.dispatched -= 1
-                self.log.warning("decode_worker_gone", worker_id=info.instance_id, attempt=attempt)
-                continue
-            st.phase = Phase.HANDED_OFF
-            self.log.debug(
-                "handed_off",
-                decode_worker=ack.worker_id,
-                prefill_worker=msg.prefill_worker_id,
-                disaggregated=msg.kv is not None,
-            )
-            return
-        raise ServiceError(503, "no decode worker answered", type="service_unavailable")
+            except BaseException:
+                active.free(msg.request_id, info.instance_id)
+                raise
+            active.confirm(msg.request_id, time.time())
+            return ack
+
+        _info, ack = await self._try_candidates(st, candidates, decode_on, "decode")
+        st.phase = Phase.HANDED_OFF
+        if st.cancelled:  # the Cancel broadcast reached the worker too: it drops the request
+            active.free(msg.request_id)
+        self.log.debug(
+            "handed_off",
+            decode_worker=ack.worker_id,
+            prefill_worker=msg.prefill_worker_id,
+            disaggregated=msg.kv is not None,
+        )
 
     # ---- replies --------------------------------------------------------------------------------------
 
@@ -495,11 +473,15 @@ class PrefillRouter:
         await publish(self.svc.nc, st.req.reply_to, chunk)
         st.chunks_sent += 1
 
-    async def _fail(self, st: _Request, code: int, message: str, type_: str) -> None:
+    async def _fail(
+        self, st: _Request, code: int, message: str, type_: str, *, retry_after_s: float | None = None
+    ) -> None:
         req = st.req
         self.log.warning("request_failed", code=code, error=message, phase=st.phase.value)
         st.phase = Phase.FAILED
-        err = ErrorReply(code=code, message=message, request_id=req.request_id, type=type_)
+        err = ErrorReply(
+            code=code, message=message, request_id=req.request_id, type=type_, retry_after_s=retry_after_s
+        )
         with contextlib.suppress(Exception):
             await self._send_chunk(
                 st,
@@ -528,49 +510,4 @@ class PrefillRouter:
             self.log.warning("cancel_publish_failed", worker_id=worker, error=repr(e))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = common_parser(SERVICE, "Prefill router: overlap-aware worker choice and prefill → decode hand-off.")
-    d = RouterConfig()
-    p.add_argument(
-        "--disagg-min-tokens",
-        type=int,
-        default=d.disagg_min_tokens,
-        help="prefill remotely only when at least this many prompt tokens are uncached (tokens)",
-    )
-    p.add_argument(
-        "--overlap-weight",
-        type=float,
-        default=d.overlap_weight,
-        help="weight of uncached blocks in worker cost",
-    )
-    p.add_argument(
-        "--overlap-timeout-s", type=float, default=d.overlap_timeout_s, help="indexer query timeout (s)"
-    )
-    p.add_argument("--prefill-timeout-s", type=float, default=d.prefill_timeout_s, help="prefill timeout (s)")
-    p.add_argument(
-        "--ack-timeout-s", type=float, default=d.ack_timeout_s, help="decode worker Ack timeout (s)"
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m tandem.services.router``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.disagg_min_tokens < 0 or args.overlap_weight < 0:
-        build_parser().error("--disagg-min-tokens and --overlap-weight must be >= 0")
-    config = RouterConfig(
-        disagg_min_tokens=args.disagg_min_tokens,
-        overlap_weight=args.overlap_weight,
-        overlap_timeout_s=args.overlap_timeout_s,
-        prefill_timeout_s=args.prefill_timeout_s,
-        ack_timeout_s=args.ack_timeout_s,
-    )
-
-    async def setup(svc: ServiceBase) -> None:
-        await PrefillRouter(svc, config).start()
-
-    return run_service(setup, SERVICE, args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["EARLY_CANCEL_MAX", "EARLY_CANCEL_TTL_S", "MAX_ATTEMPTS", "SERVICE", "Phase", "PrefillRouter"]
