@@ -38,13 +38,13 @@ import msgspec
 from nats.aio.msg import Msg as NatsMsg
 from nats.js import api
 
+from tandem.kvbm._wire import decode_kv_event_batch
 from tandem.kvbm.radix import RadixTree
-from tandem.protocol.messages import InstanceInfo, KvEventBatch, OverlapQuery, OverlapScores
+from tandem.protocol.messages import InstanceInfo, OverlapQuery, OverlapScores
 from tandem.services.runtime import (
     InstanceRegistry,
     ServiceBase,
     common_parser,
-    decode_as,
     run_service,
 )
 
@@ -149,8 +149,9 @@ class KvIndexer:
 
     def _apply_payload(self, subject: str, data: bytes) -> None:
         try:
-            batch: KvEventBatch = decode_as(KvEventBatch, data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            # Same wire format and validation as decode_as(KvEventBatch, data), lighter objects.
+            batch = decode_kv_event_batch(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
             self.bad_payloads += 1
             self.log.warning("bad_kv_event_batch", msg_subject=subject, error=str(e), nbytes=len(data))
             return

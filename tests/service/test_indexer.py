@@ -175,10 +175,16 @@ async def test_bad_payload_is_skipped_and_gap_logged(nc: NatsClient, ns: str, in
     js = nc.jetstream()
     with structlog.testing.capture_logs() as logs:
         await js.publish(Subjects(ns).kv_events("wx"), b"\xc1garbage")
+        # Valid msgpack, wrong message: rejected by the indexer's fast decoder too.
+        await js.publish(Subjects(ns).kv_events("wx"), encode(OverlapQuery(request_id="x", block_hashes=[1])))
+        # A worker id that is not UTF-8 (msgspec raises UnicodeDecodeError, not DecodeError).
+        await js.publish(
+            Subjects(ns).kv_events("wx"), b"\x83\xa4kind\xa9kv_events\xa9worker_id\xa2\xff\xff\xa6events\x90"
+        )
         await publish_events(nc, ns, "wx", stored(0, [1]))
         await publish_events(nc, ns, "wx", stored(3, [2], parent=1))  # ids 1 and 2 lost
         await eventually(lambda: indexer.events == 2)
-    assert indexer.bad_payloads == 1
+    assert indexer.bad_payloads == 3
     assert indexer.gaps == 1
     assert any(e["event"] == "bad_kv_event_batch" for e in logs)
     gap = [e for e in logs if e["event"] == "kv_event_gap"]
