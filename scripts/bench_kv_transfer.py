@@ -12,13 +12,19 @@ ids that are
   descriptor per block.
 
 GB/s = bytes / ``KvTransferStats.ms`` (set-up + transfer + completion polling), 1 GB = 1e9 B.
-The very first READ to the owner (UCX connection set-up included) is reported apart;
+The very first READ to the owner (UCX connection set-up included) is reported apart, and
+``--first-reads N`` measures it N times per way of starting from a fresh reader agent: ``cold``
+(straight to the READ), ``connect`` (:meth:`KvTransferAgent.connect` half a second before) and
+``connect+probe`` (connect, then a one-block READ into the reader's pool: what a decode worker
+does when the owner registers); the READ is the first ``--tokens`` size, contiguous.
 ``median``/``best`` are over the ``--iters`` READs after one warm-up READ per row. ``memcpy``
 copies the same number of bytes between two tensors in this process with one thread. Each
 configuration runs with KV tensors from :func:`tandem.transfer.alloc_kv_cache` (huge pages) and
 from plain ``torch.empty`` (``--alloc``): over UCX/cma the page size dominates the rate.
 
+
     .venv/bin/python scripts/bench_kv_transfer.py [--tokens 1008 4096 16384] [--iters 10]
+    .venv/bin/python scripts/bench_kv_transfer.py --tokens 1008 --alloc hugepage --first-reads 5
 """
 
 from __future__ import annotations
@@ -155,6 +161,9 @@ async def bench(args: argparse.Namespace, alloc: str) -> list[dict[str, Any]]:
                 )
                 if cold is None:  # the very first READ to the owner: connection set-up included
                     cold = nbytes / times[0] / 1e9
+        firsts, n_first = await first_reads(args, alloc, info, owner_name, pool_blocks, max_blocks)
+        n_req += n_first
+        rows[0]["firsts"] = firsts
         # Every READ's notification must have reached the owner.
         await asyncio.sleep(0.05)
         conn.send("stop")
@@ -173,6 +182,41 @@ async def bench(args: argparse.Namespace, alloc: str) -> list[dict[str, Any]]:
     return rows
 
 
+async def first_reads(
+    args: argparse.Namespace,
+    alloc: str,
+    info: dict[str, Any],
+    owner_name: str,
+    pool_blocks: int,
+    max_blocks: int,
+) -> tuple[dict[str, list[float]], int]:
+    """GB/s of the first READ of a fresh reader agent, per way of warming it up; and the number
+    of notifications those READs sent the owner."""
+    n = -(-args.tokens[0] // BLOCK_TOKENS)
+    descs = [info["descs"][i] for i in range(n)]
+    out: dict[str, list[float]] = {"cold": [], "connect": [], "connect+probe": []}
+    sent = 0
+    for k in range(args.first_reads):
+        for mode in out:
+            kv = make_kv(pool_blocks, fill_ids=False, alloc=alloc)
+            reader = KvTransferAgent(f"bench-first-{alloc}-{mode}-{k}", kv, BLOCK_NBYTES)
+            try:
+                if mode != "cold":
+                    await reader.connect(owner_name, info["metadata"])
+                if mode == "connect+probe":  # into a block the measured READ does not use
+                    await reader.read_blocks(owner_name, info["metadata"], descs[-1:], [0], b"", 10.0)
+                if mode != "cold":
+                    await asyncio.sleep(0.5)  # the owner registered a while before the request
+                stats = await reader.read_blocks(
+                    owner_name, info["metadata"], descs, list(range(max_blocks, max_blocks + n)), b"f", 60.0
+                )
+                sent += 1
+                out[mode].append(stats.bytes / stats.ms / 1e6)
+            finally:
+                reader.close()
+    return out, sent
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1008, 4096, 16384], help="prompt sizes")
@@ -183,6 +227,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--alloc", choices=["hugepage", "malloc", "both"], default="both", help="KV tensor allocation"
+    )
+    ap.add_argument(
+        "--first-reads",
+        type=int,
+        default=3,
+        help="fresh reader agents per warm-up mode for the first-READ figures (0 = skip)",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -210,6 +260,14 @@ def main() -> None:
                 f"first READ to a new peer ({r['alloc']}, UCX connection set-up included): "
                 f"{r['first']:.2f} GB/s"
             )
+        for mode, rates in r.get("firsts", {}).items():
+            if rates:
+                med = statistics.median(rates)
+                print(
+                    f"first READ of a fresh reader, {r['tokens']} tokens, {r['alloc']}, {mode:<13}: "
+                    f"median {med:.2f} GB/s = {med / r['memcpy']:.2f}x memcpy "
+                    f"({', '.join(f'{x:.2f}' for x in rates)})"
+                )
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 (``python -m tandem.services.worker``), a real nats-server, the real model and real NIXL READs.
 
 Checks the disaggregated dance (PrefillRequest → KV descriptors → DecodeRequest → NIXL READ →
-TokenChunks) against an in-process greedy run, the KV bytes moved, prefix reuse on the decode
-side, pool integrity afterwards, KV events in JetStream, discovery entries, bad input (400),
-compat-hash mismatch (409), cancel (running decode and pinned KV), pinned-KV expiry, and a clean
-SIGTERM shutdown (exit code 0).
+TokenChunks) against an in-process greedy run, the NIXL warm-up on registration, the KV bytes
+moved, prefix reuse on the decode side, pool integrity afterwards, KV events in JetStream,
+discovery entries, bad input (400), compat-hash mismatch (409), cancel (running decode and pinned
+KV), pinned-KV expiry, and a clean SIGTERM shutdown (exit code 0).
 """
 
 from __future__ import annotations
@@ -341,6 +341,21 @@ async def test_registered_in_bucket(workers: Topology, nc: NatsClient) -> None:
     assert p.block_size == BLOCK and p.block_nbytes == d.block_nbytes > 0
     assert p.num_blocks > 0 and p.nixl_metadata and p.nixl_agent_name != d.nixl_agent_name
     assert time.time() - p.heartbeat_at < 10
+    assert (p.engine, p.kv_transport, d.engine, d.kv_transport) == ("model", "nixl", "model", "nixl")
+    assert p.kv_probe is not None and p.kv_probe[1] == p.block_nbytes and d.kv_probe is None
+
+
+async def test_decode_worker_warms_up_its_connection(workers: Topology) -> None:
+    """The decode worker connected to the prefill worker when it registered (and READ its probe
+    block), so the first request's READ does not pay the UCX set-up."""
+    log = workers.logs[workers.decode_id]
+    deadline = time.monotonic() + 30
+    while "kv_peer_connected" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, _log_tail(log)
+        await asyncio.sleep(0.2)
+    text = log.read_text(errors="replace")
+    assert f'"peer": "{workers.prefill_id}"' in text
+    assert "kv_peer_probe_failed" not in text and "kv_peer_connect_failed" not in text, _log_tail(log)
 
 
 async def test_disaggregated_matches_local_greedy(

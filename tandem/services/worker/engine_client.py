@@ -1,0 +1,242 @@
+"""EngineClient: the only code in the worker that calls :class:`~tandem.engine.engine.LLMEngine`.
+
+The analogue of vLLM's ``AsyncLLM``/``EngineCoreClient``: it owns the engine, serializes every
+call to it, runs the step loop and hands what the engine produced — outputs and KV events — back
+to the worker on the asyncio loop, in order.
+
+* **model engine**: every engine call runs on ONE dedicated thread (a single-thread executor,
+  ``engine``); NATS, NIXL and the worker's tables stay on the loop thread, so heartbeats, NIXL
+  polling and new requests never wait behind a forward pass. Events drained on the engine thread
+  reach the loop with ``call_soon_threadsafe`` (FIFO, so their order is kept).
+* **mock engine**: calls run inline on the loop (a mock step is scheduler and block bookkeeping,
+  no model: well under a millisecond), so a process hosting hundreds of mock workers has no
+  thread per worker and an idle worker costs nothing but one awaited ``asyncio.Event``. After a
+  step the loop sleeps ``engine.last_step_simulated_s`` minus the real time the step took before
+  reporting its outputs: the mock's timing is reproduced, and other workers run meanwhile.
+
+The step loop awaits ``step()`` while the engine has work and sleeps on an event when idle; a
+step that could run nothing (waiting for pinned or importing blocks) backs off briefly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tandem.protocol.messages import KvEvent
+
+if TYPE_CHECKING:
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.engine import LLMEngine, RequestOutput
+    from tandem.kvbm.manager import ManagerStats
+
+__all__ = ["STALLED_BACKOFF_S", "EngineClient", "EngineSnapshot"]
+
+T = TypeVar("T")
+
+#: How long the step loop waits before retrying a stalled step, unless woken earlier (s).
+STALLED_BACKOFF_S = 0.005
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Engine state as of the last step (read by heartbeats without touching the engine)."""
+
+    stats: ManagerStats | None = None
+    num_running: int = 0
+    waiting_prefill_tokens: int = 0
+
+
+class EngineClient:
+    """One engine, its calls serialized, its step loop.
+
+    Args:
+        config: the engine settings (``config.engine`` picks model or mock).
+        on_events: called on the loop thread with each batch of KV events, in engine order.
+        log: a structlog logger.
+    """
+
+    def __init__(self, config: EngineConfig, on_events: Callable[[list[KvEvent]], None], log: Any) -> None:
+        self.config = config
+        self.mock = config.engine == "mock"
+        self.log = log
+        self._on_events = on_events
+        self._engine: LLMEngine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.snapshot = EngineSnapshot()
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The engine (``RuntimeError`` before :meth:`start`)."""
+        if self._engine is None:
+            raise RuntimeError("engine not started")
+        return self._engine
+
+    @property
+    def started(self) -> bool:
+        return self._engine is not None
+
+    # ---- life cycle -------------------------------------------------------------------------------
+
+    async def start(self) -> LLMEngine:
+        """Build the engine: on the engine thread for the model (loads weights), inline for mock."""
+        from tandem.engine.engine import LLMEngine
+
+        self._loop = asyncio.get_running_loop()
+        if self.mock:
+            engine = LLMEngine(self.config)
+        else:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+            engine = await self._loop.run_in_executor(self._executor, LLMEngine, self.config)
+        self._engine = engine
+        self.snapshot = await self.call(self._snapshot)
+        return engine
+
+    def start_loop(
+        self,
+        on_outputs: Callable[[list[RequestOutput]], Awaitable[None]],
+        on_failure: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """Start the step loop: ``await on_outputs(outputs)`` after each step that produced
+        any; ``await on_failure(message)`` after a step raised (the loop keeps going)."""
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(on_outputs, on_failure), name="engine-loop"
+        )
+
+    async def close(self) -> None:
+        """Stop the step loop and the engine thread (idempotent)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task], timeout=5.0)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+    # ---- calls ------------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` where the engine runs, then queue the KV events it caused."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("engine not started")
+        if self.mock:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._hand_over_events()
+        executor = self._executor
+        if executor is None:
+            raise RuntimeError("engine stopped")
+
+        def job() -> T:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._hand_over_events()
+
+        return await loop.run_in_executor(executor, job)
+
+    def wake(self) -> None:
+        """New work (or freed blocks): let the step loop run."""
+        self._wake.set()
+
+    async def abort(self, request_id: str) -> bool:
+        """``engine.abort``; errors are logged, never raised. Wakes the step loop."""
+        if self._engine is None:
+            return False
+        try:
+            aborted = bool(await self.call(self._engine.abort, request_id))
+        except Exception as exc:
+            self.log.exception("abort_failed", request_id=request_id, error=repr(exc))
+            return False
+        self.wake()  # freed blocks may let waiting requests run; the abort output is reported
+        return aborted
+
+    async def release_pinned(self, request_id: str) -> None:
+        """``engine.release_pinned``; errors are logged, never raised. Wakes the step loop."""
+        if self._engine is None:
+            return
+        try:
+            await self.call(self._engine.release_pinned, request_id)
+        except Exception as exc:
+            self.log.exception("release_pinned_failed", request_id=request_id, error=repr(exc))
+        self.wake()
+
+    async def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
+        """``engine.copy_blocks`` (a tensor copy for the model, nothing for the mock)."""
+        await self.call(self.engine.copy_blocks, src_ids, dst_ids)
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _hand_over_events(self) -> None:
+        """Where the engine runs: drain the block manager's events to ``on_events`` in order."""
+        engine, loop = self._engine, self._loop
+        if engine is None or loop is None:
+            return
+        events = engine.kv.take_events()
+        if not events:
+            return
+        if self.mock:
+            self._on_events(events)
+        else:
+            with contextlib.suppress(RuntimeError):  # loop already closed (teardown)
+                loop.call_soon_threadsafe(self._on_events, events)
+
+    def _snapshot(self) -> EngineSnapshot:
+        engine = self.engine
+        return EngineSnapshot(
+            stats=engine.kv.stats(),
+            num_running=engine.num_running,
+            waiting_prefill_tokens=engine.num_waiting_prefill_tokens(),
+        )
+
+    def _step_job(self) -> tuple[list[RequestOutput], bool, bool, float, EngineSnapshot]:
+        """One step: (outputs, more work, computed anything, simulated s, snapshot)."""
+        engine = self.engine
+        outputs = engine.step()
+        return (
+            outputs,
+            engine.has_unfinished(),
+            engine.last_step_tokens > 0,
+            engine.last_step_simulated_s,
+            self._snapshot(),
+        )
+
+    async def _run(
+        self,
+        on_outputs: Callable[[list[RequestOutput]], Awaitable[None]],
+        on_failure: Callable[[str], Awaitable[None]],
+    ) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            t0 = time.perf_counter()
+            try:
+                outputs, more, progressed, simulated_s, snapshot = await self.call(self._step_job)
+            except Exception as exc:
+                self.log.exception("engine_step_failed", error=repr(exc))
+                await on_failure(f"engine step failed: {type(exc).__name__}: {exc}")
+                continue
+            self.snapshot = snapshot
+            if self.mock:
+                # The simulated duration of the step (at least a yield: inline steps must not
+                # starve the other workers of this loop).
+                await asyncio.sleep(max(0.0, simulated_s - (time.perf_counter() - t0)))
+            if more:
+                if not outputs and not progressed:
+                    # Work exists but nothing could run (e.g. waiting for pinned or importing
+                    # blocks): back off instead of spinning; new work or a release wakes us.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), STALLED_BACKOFF_S)
+                self._wake.set()
+            if outputs:
+                await on_outputs(outputs)
