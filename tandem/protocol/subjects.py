@@ -1,7 +1,7 @@
 """Every NATS subject, stream and bucket name tandem uses, in one place.
 
 Namespace ``ns`` defaults to ``tandem``; several deployments can share one NATS server by using
-different namespaces. See ``docs/design.md`` and README ("Internal subjects") for who publishes and who subscribes.
+different namespaces. See ``docs/design.md`` and the README for who publishes and who subscribes.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -45,14 +46,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar
 
+from tandem.config import add_arguments, from_namespace, option, to_argv
+from tandem.engine.config import EngineConfig
 from tandem.protocol.subjects import DEFAULT_NAMESPACE, Subjects
+from tandem.services.frontend.config import DEFAULT_MAX_MODEL_LEN, FrontendConfig
+from tandem.services.router.config import RouterConfig
+from tandem.services.worker.config import WorkerConfig
 
 # The served model name (``tandem.engine.weights.MODEL_NAME``; not imported to keep the launcher
 # free of torch).
 MODEL_NAME = "smollm2-135m-instruct"
-DTYPES = ("bfloat16", "float32")
-SERVICE_ORDER = ("indexer", "router", "worker", "frontend")
-"""Start order. Stop order is the reverse of the request path: frontend, router, workers, indexer."""
+#: Mock workers one worker process hosts by default (``--workers-per-process``).
+MOCK_WORKERS_PER_PROCESS = 64
+#: Stop order: the reverse of the request path (start order is indexer, router, workers, frontend).
 STOP_ORDER = ("frontend", "router", "worker", "indexer")
 DEFAULT_READY_TIMEOUT_S = 180.0
 DEFAULT_STOP_GRACE_S = 40.0
@@ -65,40 +71,104 @@ _PR_SET_PDEATHSIG = 1
 # ---- planning (pure) ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class LaunchConfig:
-    """Everything the launcher was asked for (see :func:`build_parser` for the flags)."""
+def _env_default(name: str, fallback: str | None) -> str | None:
+    return os.environ.get(name) or fallback
 
-    prefill: int = 1
-    decode: int = 1
-    aggregated: bool = False
-    host: str = "127.0.0.1"
-    port: int = 8000
-    kv_cache_gb: float = 1.0
-    threads: int | None = None
-    dtype: str = "bfloat16"
-    namespace: str = DEFAULT_NAMESPACE
-    nats_url: str | None = None
-    nats_port: int | None = None
-    model_dir: str | None = None
-    disagg_min_tokens: int | None = None
-    log_level: str = "info"
-    log_dir: str | None = None
-    smoke: bool = False
-    ready_timeout: float = DEFAULT_READY_TIMEOUT_S
-    stop_grace: float = DEFAULT_STOP_GRACE_S
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything the launcher was asked for.
+
+    The launcher's own fields are flags (:mod:`tandem.config`); the settings of the processes it
+    starts are the services' own config dataclasses, whose flags the launcher takes over
+    (:func:`build_parser`) and hands on unchanged (:func:`tandem.config.to_argv`), so no flag is
+    restated here. Raises ``ValueError`` on a bad combination.
+    """
+
+    prefill: int = option(1, help="prefill-only workers (workers; ignored with --aggregated)")
+    decode: int = option(1, help="decode workers, or role 'both' workers with --aggregated (workers)")
+    aggregated: bool = option(False, help="no disaggregation: --decode N workers of role 'both'")
+    workers_per_process: int | None = option(
+        None,
+        help="workers hosted by one worker process (mock engine only; default: 1 for the model, "
+        f"{MOCK_WORKERS_PER_PROCESS} for mock)",
+    )
+    namespace: str = option(DEFAULT_NAMESPACE, help="subject namespace (default $TANDEM_NAMESPACE)")
+    nats_url: str | None = option(
+        None, help="use this NATS server (JetStream on) instead of starting one (default $NATS_URL)"
+    )
+    nats_port: int | None = option(None, help="embedded nats-server port (default: a free one)")
+    log_level: str = option("info", help="services' log level")
+    log_dir: str | None = option(None, help="where <process>.log files go (default: a temp dir)")
+    smoke: bool = option(False, help="send one HTTP + one NATS request, then stop")
+    ready_timeout: float = option(
+        DEFAULT_READY_TIMEOUT_S, help="seconds to wait for GET /ready and every worker's registration"
+    )
+    stop_grace: float = option(
+        DEFAULT_STOP_GRACE_S,
+        help="seconds each process gets to exit after SIGTERM before SIGKILL (a second Ctrl-C skips it)",
+    )
+    engine: EngineConfig = option(default_factory=EngineConfig, cli=False, help="the workers' engine")  # noqa: RUF009
+    worker: WorkerConfig = option(default_factory=WorkerConfig, cli=False, help="the workers' service")  # noqa: RUF009
+    router: RouterConfig = option(default_factory=RouterConfig, cli=False, help="the router")  # noqa: RUF009
+    frontend: FrontendConfig = option(default_factory=FrontendConfig, cli=False, help="the frontend")  # noqa: RUF009
+
+    def __post_init__(self) -> None:
+        if self.decode < 1:
+            raise ValueError("--decode must be at least 1")
+        if not self.aggregated and self.prefill < 1:
+            raise ValueError("--prefill must be at least 1 (or use --aggregated)")
+        if self.nats_port is not None and not 0 < self.nats_port < 65536:
+            raise ValueError("--nats-port must be in 1..65535")
+        if not 0 < self.frontend.port < 65536:
+            raise ValueError("--port must be in 1..65535")
+        if self.workers_per_process is not None:
+            if self.workers_per_process < 1:
+                raise ValueError("--workers-per-process must be at least 1")
+            if self.workers_per_process > 1 and self.engine.engine != "mock":
+                raise ValueError("--workers-per-process > 1 needs --engine mock (one model per process)")
+        if not self.ready_timeout > 0:
+            raise ValueError("--ready-timeout must be positive")
+        if self.stop_grace < 0:
+            raise ValueError("--stop-grace must be >= 0")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.namespace):
+            raise ValueError("--namespace may only hold letters, digits, '-' and '_'")
+
+    # Shorthands for the settings every part of the launcher reads.
+    @property
+    def host(self) -> str:
+        """The frontend's HTTP bind address."""
+        return self.frontend.host
+
+    @property
+    def port(self) -> int:
+        """The frontend's HTTP port."""
+        return self.frontend.port
+
+    @property
+    def model_dir(self) -> str | None:
+        """The prepared model directory workers and frontend load (None: the default one)."""
+        return self.engine.model_dir
 
     @property
     def num_workers(self) -> int:
-        """Worker processes: ``decode`` in aggregated mode, else ``prefill + decode``."""
+        """Workers: ``decode`` in aggregated mode, else ``prefill + decode``."""
         return self.decode if self.aggregated else self.prefill + self.decode
+
+    @property
+    def per_process(self) -> int:
+        """Workers hosted by one worker process."""
+        if self.workers_per_process is not None:
+            return self.workers_per_process
+        return MOCK_WORKERS_PER_PROCESS if self.engine.engine == "mock" else 1
 
 
 @dataclass(frozen=True, slots=True)
 class ProcessSpec:
     """One process to start: ``python -m tandem.services.<service> <args>``.
 
-    ``name`` is unique in a topology: the log file stem and, for workers, the instance id.
+    ``name`` is unique in a topology: the log file stem and, for a process hosting one worker,
+    its instance id. ``instance_ids`` are the workers a worker process hosts.
     ``env`` holds variables added to the launcher's environment for this process only.
     """
 
@@ -107,6 +177,7 @@ class ProcessSpec:
     args: tuple[str, ...]
     role: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    instance_ids: tuple[str, ...] = ()
 
     def argv(self, python: str = sys.executable) -> list[str]:
         """The full command line."""
@@ -123,60 +194,34 @@ def threads_per_worker(num_workers: int, cpu_count: int | None) -> int:
     return max(1, cores // max(1, num_workers))
 
 
+#: Fields of the services' configs the launcher sets itself (per process), not as flags.
+_WORKER_OWN = ("role", "instance_id", "num_workers")
+_FRONTEND_OWN = ("model_dir", "default_block_size", "max_model_len")
+_LAUNCHER_DEFAULTS = {"host": "127.0.0.1", "port": 8000}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The launcher's command line."""
+    """The launcher's command line: its own flags, then the engine's, the workers', the
+    router's and the frontend's (each derived from that service's config dataclass)."""
     p = argparse.ArgumentParser(
         prog="python -m tandem.services.launcher",
         description="Start nats-server, the KV indexer, the router, the workers and the frontend "
         "locally, wait until ready, and serve until Ctrl-C.",
     )
-    p.add_argument("--prefill", type=int, default=None, help="prefill-only workers (default 1)")
-    p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
-    p.add_argument(
-        "--aggregated",
-        action="store_true",
-        help="no disaggregation: --decode N workers of role 'both' (prefill and decode)",
+    add_arguments(
+        p,
+        LaunchConfig,
+        defaults={
+            "namespace": _env_default("TANDEM_NAMESPACE", DEFAULT_NAMESPACE),
+            "nats_url": _env_default("NATS_URL", None),
+            "prefill": None,
+        },
     )
-    p.add_argument("--host", default="127.0.0.1", help="frontend HTTP host (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="frontend HTTP port (default 8000)")
-    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per worker, GB (1.0)")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)"
-    )
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="model dtype (bfloat16)")
-    p.add_argument(
-        "--namespace",
-        default=os.environ.get("TANDEM_NAMESPACE", DEFAULT_NAMESPACE),
-        help="subject namespace (default $TANDEM_NAMESPACE or 'tandem')",
-    )
-    p.add_argument(
-        "--nats-url",
-        default=os.environ.get("NATS_URL") or None,
-        help="use this NATS server instead of starting one (default $NATS_URL)",
-    )
-    p.add_argument("--nats-port", type=int, default=None, help="embedded nats-server port (default: free)")
-    p.add_argument("--model-dir", default=None, help="prepared model dir (default: the cached default)")
-    p.add_argument(
-        "--disagg-min-tokens",
-        type=int,
-        default=None,
-        help="router: prefill remotely only from this many uncached prompt tokens (router default)",
-    )
-    p.add_argument("--log-level", default="info", help="services' log level (info)")
-    p.add_argument("--log-dir", default=None, help="where <process>.log files go (default: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="send one HTTP + one NATS request, then stop")
-    p.add_argument(
-        "--ready-timeout",
-        type=float,
-        default=DEFAULT_READY_TIMEOUT_S,
-        help=f"seconds to wait for GET /ready (default {DEFAULT_READY_TIMEOUT_S:.0f})",
-    )
-    p.add_argument(
-        "--stop-grace",
-        type=float,
-        default=DEFAULT_STOP_GRACE_S,
-        help=f"seconds each process gets to exit after SIGTERM before SIGKILL "
-        f"(default {DEFAULT_STOP_GRACE_S:.0f}; a second Ctrl-C skips the wait)",
+    add_arguments(p.add_argument_group("engine (every worker)"), EngineConfig)
+    add_arguments(p.add_argument_group("worker"), WorkerConfig, exclude=_WORKER_OWN)
+    add_arguments(p.add_argument_group("router"), RouterConfig)
+    add_arguments(
+        p.add_argument_group("frontend"), FrontendConfig, exclude=_FRONTEND_OWN, defaults=_LAUNCHER_DEFAULTS
     )
     return p
 
@@ -188,91 +233,74 @@ def parse_args(argv: Sequence[str] | None = None) -> LaunchConfig:
     if ns.aggregated and ns.prefill not in (None, 0):
         parser.error("--prefill does not apply with --aggregated (use --decode N for N workers)")
     prefill = 0 if ns.aggregated else (1 if ns.prefill is None else ns.prefill)
-    if ns.decode < 1:
-        parser.error("--decode must be at least 1")
-    if not ns.aggregated and prefill < 1:
-        parser.error("--prefill must be at least 1 (or use --aggregated)")
-    if not 0 < ns.port < 65536:
-        parser.error("--port must be in 1..65535")
-    if ns.nats_port is not None and not 0 < ns.nats_port < 65536:
-        parser.error("--nats-port must be in 1..65535")
-    if ns.kv_cache_gb <= 0:
-        parser.error("--kv-cache-gb must be positive")
-    if ns.threads is not None and ns.threads < 1:
-        parser.error("--threads must be at least 1")
-    if ns.disagg_min_tokens is not None and ns.disagg_min_tokens < 0:
-        parser.error("--disagg-min-tokens must be >= 0")
-    if ns.ready_timeout <= 0:
-        parser.error("--ready-timeout must be positive")
-    if ns.stop_grace < 0:
-        parser.error("--stop-grace must be >= 0")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", ns.namespace):
-        parser.error("--namespace may only hold letters, digits, '-' and '_'")
-    return LaunchConfig(
-        prefill=prefill,
-        decode=ns.decode,
-        aggregated=ns.aggregated,
-        host=ns.host,
-        port=ns.port,
-        kv_cache_gb=ns.kv_cache_gb,
-        threads=ns.threads,
-        dtype=ns.dtype,
-        namespace=ns.namespace,
-        nats_url=ns.nats_url,
-        nats_port=ns.nats_port,
-        model_dir=ns.model_dir,
-        disagg_min_tokens=ns.disagg_min_tokens,
-        log_level=ns.log_level,
-        log_dir=ns.log_dir,
-        smoke=ns.smoke,
-        ready_timeout=ns.ready_timeout,
-        stop_grace=ns.stop_grace,
-    )
+    try:
+        engine = from_namespace(EngineConfig, ns)
+        return from_namespace(
+            LaunchConfig,
+            ns,
+            prefill=prefill,
+            engine=engine,
+            worker=from_namespace(WorkerConfig, ns),
+            router=from_namespace(RouterConfig, ns),
+            frontend=from_namespace(
+                FrontendConfig,
+                ns,
+                model_dir=engine.model_dir,
+                default_block_size=engine.block_size,
+                max_model_len=engine.max_model_len or DEFAULT_MAX_MODEL_LEN,
+            ),
+        )
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+
+
+def _chunks(names: list[str], size: int) -> list[list[str]]:
+    return [names[i : i + size] for i in range(0, len(names), size)]
 
 
 def plan_processes(cfg: LaunchConfig, nats_url: str, cpu_count: int | None = None) -> list[ProcessSpec]:
     """The tandem processes for ``cfg``, in start order (indexer, router, workers, frontend).
 
     Workers are named (and get the instance id) ``prefill-<i>`` / ``decode-<i>``, or
-    ``worker-<i>`` (role ``both``) when aggregated. ``cpu_count`` (default ``os.cpu_count()``)
-    is split between the workers unless ``cfg.threads`` is set.
+    ``worker-<i>`` (role ``both``) when aggregated. Model workers get one process each, and
+    ``cpu_count`` (default ``os.cpu_count()``) is split between them unless ``--threads`` is set.
+    Mock workers are hosted ``cfg.per_process`` to a process (``--num-workers``), which is named
+    after its first and last worker (``decode-0..63``).
     """
     common = ("--nats-url", nats_url, "--namespace", cfg.namespace, "--log-level", cfg.log_level)
-    model = ("--model-dir", cfg.model_dir) if cfg.model_dir else ()
-    threads = cfg.threads or threads_per_worker(
-        cfg.num_workers, os.cpu_count() if cpu_count is None else cpu_count
-    )
     specs = [ProcessSpec("indexer", "indexer", common)]
-    router_args: tuple[str, ...] = common
-    if cfg.disagg_min_tokens is not None:
-        router_args = (*common, "--disagg-min-tokens", str(cfg.disagg_min_tokens))
-    specs.append(ProcessSpec("router", "router", router_args))
-    workers: list[tuple[str, str]] = []
+    specs.append(ProcessSpec("router", "router", (*common, *to_argv(cfg.router))))
+    workers: list[tuple[str, list[str]]] = []
     if cfg.aggregated:
-        workers += [(f"worker-{i}", "both") for i in range(cfg.decode)]
+        workers.append(("both", [f"worker-{i}" for i in range(cfg.decode)]))
     else:
-        workers += [(f"prefill-{i}", "prefill") for i in range(cfg.prefill)]
-        workers += [(f"decode-{i}", "decode") for i in range(cfg.decode)]
-    for name, role in workers:
-        args = (
-            *common,
-            "--role",
-            role,
-            "--instance-id",
-            name,
-            "--kv-cache-gb",
-            f"{cfg.kv_cache_gb:g}",
-            "--threads",
-            str(threads),
-            "--dtype",
-            cfg.dtype,
-            *model,
+        workers.append(("prefill", [f"prefill-{i}" for i in range(cfg.prefill)]))
+        workers.append(("decode", [f"decode-{i}" for i in range(cfg.decode)]))
+    engine = cfg.engine
+    env: dict[str, str] = {}
+    if engine.engine == "model":
+        threads = engine.num_threads or threads_per_worker(
+            cfg.num_workers, os.cpu_count() if cpu_count is None else cpu_count
         )
+        engine = dataclasses.replace(engine, num_threads=threads)
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        specs.append(ProcessSpec(name, "worker", args, role=role, env=env))
-    specs.append(
-        ProcessSpec("frontend", "frontend", (*common, "--host", cfg.host, "--port", str(cfg.port), *model))
-    )
+    engine_args = to_argv(engine)
+    worker_args = to_argv(cfg.worker, exclude=_WORKER_OWN)
+    for role, names in workers:
+        for group in _chunks(names, cfg.per_process):
+            name = group[0] if len(group) == 1 else f"{group[0]}..{group[-1].rsplit('-', 1)[1]}"
+            hosting = ("--num-workers", str(len(group))) if len(group) > 1 else ()
+            args = (*common, "--role", role, "--instance-id", group[0], *hosting, *engine_args, *worker_args)
+            specs.append(
+                ProcessSpec(name, "worker", args, role=role, env=dict(env), instance_ids=tuple(group))
+            )
+    frontend_args = to_argv(cfg.frontend, exclude=_FRONTEND_OWN, only_changed=False)
+    frontend_args += ["--default-block-size", str(engine.block_size)]
+    if cfg.model_dir:
+        frontend_args += ["--model-dir", cfg.model_dir]
+    if engine.max_model_len:
+        frontend_args += ["--max-model-len", str(engine.max_model_len)]
+    specs.append(ProcessSpec("frontend", "frontend", (*common, *frontend_args)))
     return specs
 
 
@@ -549,6 +577,45 @@ SMOKE_PROMPTS = (
 )
 
 
+async def wait_workers(
+    nats_url: str, namespace: str, instance_ids: Sequence[str], timeout_s: float, stop: asyncio.Event
+) -> bool:
+    """Wait until every worker in ``instance_ids`` is in the instances bucket.
+
+    Returns False if ``stop`` is set first; raises :class:`LaunchError` on timeout (naming how
+    many are missing). ``/ready`` only says the frontend, router and indexer answer; with many
+    workers the topology is ready once all of them registered.
+    """
+    import nats
+
+    from tandem.services.runtime import InstanceRegistry
+
+    want = set(instance_ids)
+    nc = await nats.connect(nats_url, name="tandem-launcher")
+    registry = InstanceRegistry(nc.jetstream(), Subjects(namespace))
+    try:
+        await registry.start()
+        waiter = asyncio.ensure_future(registry.wait_for(lambda infos: want <= infos.keys(), timeout_s))
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if waiter not in done:
+            waiter.cancel()
+            return False
+        try:
+            waiter.result()
+        except TimeoutError:
+            missing = sorted(want - registry.instances.keys())
+            raise LaunchError(
+                f"{len(missing)} of {len(want)} workers did not register within {timeout_s:.0f} s "
+                f"(e.g. {', '.join(missing[:5])})"
+            ) from None
+        return True
+    finally:
+        await registry.stop()
+        await nc.close()
+
+
 def smoke_body(prompt: str) -> dict[str, Any]:
     """The OpenAI chat body the smoke test sends (greedy, short)."""
     return {
@@ -681,7 +748,12 @@ async def launch(cfg: LaunchConfig) -> int:
         if not await wait_ready(ready_url, watched, cfg.ready_timeout, stop):
             print("launcher: interrupted before ready", file=sys.stderr)
             return 130
-        print(f"launcher: ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        ids = [i for spec in specs for i in spec.instance_ids]
+        left = max(1.0, cfg.ready_timeout - (time.monotonic() - t0))
+        if not await wait_workers(nats_url, cfg.namespace, ids, left, stop):
+            print("launcher: interrupted before ready", file=sys.stderr)
+            return 130
+        print(f"launcher: ready in {time.monotonic() - t0:.1f} s ({len(ids)} workers)", file=sys.stderr)
         print(usage_text(cfg, nats_url, log_dir), flush=True)
         if cfg.smoke:
             return 0 if await run_smoke(cfg, nats_url) else 1

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tandem.engine.config import EngineConfig
 from tandem.services import launcher
+from tandem.services.frontend.config import FrontendConfig
 from tandem.services.launcher import (
     LaunchConfig,
     LaunchError,
@@ -38,10 +40,16 @@ def test_defaults_are_one_prefill_one_decode(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("TANDEM_NAMESPACE", raising=False)
     cfg = parse_args([])
     assert (cfg.prefill, cfg.decode, cfg.aggregated) == (1, 1, False)
-    assert (cfg.host, cfg.port, cfg.dtype, cfg.kv_cache_gb) == ("127.0.0.1", 8000, "bfloat16", 1.0)
+    assert (cfg.host, cfg.port, cfg.engine.dtype, cfg.engine.kv_cache_gb) == (
+        "127.0.0.1",
+        8000,
+        "bfloat16",
+        1.0,
+    )
     assert cfg.namespace == "tandem"
     assert cfg.nats_url is None
-    assert cfg.threads is None
+    assert cfg.engine.num_threads is None
+    assert cfg.engine.engine == "model" and cfg.per_process == 1
     assert not cfg.smoke
 
 
@@ -62,9 +70,20 @@ def test_all_flags_parse() -> None:
         ]
     )  # fmt: skip
     assert (cfg.prefill, cfg.decode, cfg.port, cfg.host) == (2, 3, 9000, "0.0.0.0")
-    assert (cfg.kv_cache_gb, cfg.threads, cfg.dtype, cfg.namespace) == (0.5, 4, "float32", "ns1")
-    assert cfg.smoke and cfg.log_dir == "/tmp/x" and cfg.disagg_min_tokens == 0
+    e = cfg.engine
+    assert (e.kv_cache_gb, e.num_threads, e.dtype, cfg.namespace) == (0.5, 4, "float32", "ns1")
+    assert cfg.smoke and cfg.log_dir == "/tmp/x" and cfg.router.disagg_min_tokens == 0
     assert cfg.ready_timeout == 30
+
+
+def test_mock_engine_and_router_mode_flags() -> None:
+    cfg = parse_args(
+        ["--engine", "mock", "--prefill", "64", "--decode", "192", "--speedup-ratio", "1e6",
+         "--router-mode", "round-robin", "--num-gpu-blocks-override", "4096"]
+    )  # fmt: skip
+    assert (cfg.engine.engine, cfg.engine.speedup_ratio, cfg.engine.num_blocks) == ("mock", 1e6, 4096)
+    assert cfg.router.router_mode == "round-robin"
+    assert cfg.num_workers == 256 and cfg.per_process == launcher.MOCK_WORKERS_PER_PROCESS
 
 
 @pytest.mark.parametrize(
@@ -77,8 +96,11 @@ def test_all_flags_parse() -> None:
         ["--port", "70000"],
         ["--kv-cache-gb", "0"],
         ["--threads", "0"],
-        ["--dtype", "float16"],
+        ["--dtype", "float64"],
         ["--namespace", "a.b"],
+        ["--workers-per-process", "4"],
+        ["--engine", "mock", "--workers-per-process", "0"],
+        ["--router-mode", "fastest"],
         ["--disagg-min-tokens", "-1"],
         ["--bogus"],
     ],
@@ -94,7 +116,9 @@ def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -
 
 
 def test_disaggregated_plan_order_roles_and_flags() -> None:
-    cfg = LaunchConfig(prefill=2, decode=1, kv_cache_gb=0.25, dtype="float32", namespace="ns")
+    cfg = LaunchConfig(
+        prefill=2, decode=1, namespace="ns", engine=EngineConfig(kv_cache_gb=0.25, dtype="float32")
+    )
     specs = plan_processes(cfg, NATS, cpu_count=6)
     assert [s.name for s in specs] == ["indexer", "router", "prefill-0", "prefill-1", "decode-0", "frontend"]
     assert [s.service for s in specs] == ["indexer", "router", "worker", "worker", "worker", "frontend"]
@@ -127,7 +151,7 @@ def test_aggregated_plan_has_only_both_workers() -> None:
 
 
 def test_explicit_threads_model_dir_and_router_flag() -> None:
-    cfg = LaunchConfig(threads=3, model_dir="/m", disagg_min_tokens=0)
+    cfg = parse_args(["--threads", "3", "--model-dir", "/m", "--disagg-min-tokens", "0"])
     specs = {s.name: s for s in plan_processes(cfg, NATS, cpu_count=64)}
     assert _flag(specs["prefill-0"], "--threads") == "3"
     assert _flag(specs["decode-0"], "--model-dir") == "/m"
@@ -140,6 +164,41 @@ def test_explicit_threads_model_dir_and_router_flag() -> None:
 def test_router_flag_absent_by_default() -> None:
     specs = {s.name: s for s in plan_processes(LaunchConfig(), NATS, cpu_count=2)}
     assert "--disagg-min-tokens" not in specs["router"].args
+
+
+def test_mock_workers_share_processes() -> None:
+    cfg = parse_args(["--engine", "mock", "--prefill", "3", "--decode", "5", "--workers-per-process", "2"])
+    specs = plan_processes(cfg, NATS, cpu_count=2)
+    workers = [s for s in specs if s.service == "worker"]
+    assert [s.name for s in workers] == [
+        "prefill-0..1",
+        "prefill-2",
+        "decode-0..1",
+        "decode-2..3",
+        "decode-4",
+    ]
+    assert [s.instance_ids for s in workers][:2] == [("prefill-0", "prefill-1"), ("prefill-2",)]
+    assert _flag(workers[0], "--num-workers") == "2" and _flag(workers[1], "--num-workers") is None
+    assert _flag(workers[0], "--instance-id") == "prefill-0"
+    assert all(_flag(w, "--engine") == "mock" and _flag(w, "--threads") is None for w in workers)
+    assert sum(len(w.instance_ids) for w in workers) == cfg.num_workers
+
+
+def test_every_service_flag_reaches_its_process() -> None:
+    cfg = parse_args(
+        ["--engine", "mock", "--block-size", "32", "--max-num-seqs", "8", "--kv-transfer-bandwidth", "5",
+         "--router-temperature", "0.5", "--chunk-timeout", "9", "--max-model-len", "4096"]
+    )  # fmt: skip
+    specs = {s.service: s for s in plan_processes(cfg, NATS, cpu_count=2)}
+    assert _flag(specs["worker"], "--block-size") == "32"
+    assert _flag(specs["worker"], "--max-num-seqs") == "8"
+    assert _flag(specs["worker"], "--kv-transfer-bandwidth") == "5.0"
+    assert _flag(specs["router"], "--router-temperature") == "0.5"
+    assert _flag(specs["frontend"], "--chunk-timeout") == "9.0"
+    assert _flag(specs["frontend"], "--default-block-size") == "32"
+    assert _flag(specs["frontend"], "--max-model-len") == "4096"
+    assert _flag(specs["worker"], "--max-model-len") == "4096"
+    assert _flag(specs["router"], "--block-size") is None
 
 
 @pytest.mark.parametrize(
@@ -177,7 +236,7 @@ def test_child_env_passes_otel_through(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_usage_text_has_curl_and_nats_example() -> None:
-    cfg = LaunchConfig(port=8123, namespace="demo", host="0.0.0.0")
+    cfg = LaunchConfig(namespace="demo", frontend=FrontendConfig(port=8123, host="0.0.0.0"))
     text = launcher.usage_text(cfg, "nats://127.0.0.1:4333", Path("/tmp/logs"))
     assert "http://127.0.0.1:8123/v1" in text
     assert "curl -s http://127.0.0.1:8123/v1/chat/completions" in text

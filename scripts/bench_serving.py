@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""Serving benchmark, tandem vs NVIDIA Dynamo 1.6.1, both on mock engines, in one run.
+
+    .venv/bin/python scripts/bench_serving.py [--modes agg,disagg] [--speedup 1e6] [--repeat 1]
+        [--sides tandem,dynamo] [--router-modes kv] [--workers 2] [--client aiperf|openai]
+        [--requests 200] [--concurrency 8] [trace options...] [--json OUT]
+
+For each mode (``agg``: N aggregated workers; ``disagg``: 1 prefill + 1 decode worker) and each
+side, a fresh stack is started, the same streaming request trace is sent by the same client
+(``serve_bench.py`` from the peer harness, with aiperf when installed), and the stack is stopped.
+Sides alternate within a repeat, so both see the same machine (this one drifts ~2.5x between
+hours: only same-run ratios count). Printed: req/s, TTFT p50/p99, ITL p50/p99, prefix-cache hit
+fraction (server-reported ``cached_tokens``) per run, and tandem/Dynamo ratios.
+
+* tandem: ``python -m tandem.services.launcher --engine mock`` (real frontend, router, indexer;
+  mock workers: real scheduler, KV block manager and events; Dynamo's timing model divided by
+  ``--speedup``), with Dynamo's stack settings (block size 16, 4096 blocks per worker).
+* Dynamo: ``dynamo_stack.sh up agg|disagg --speedup X`` (2 mockers or 1 prefill + 1 decode
+  mocker, frontend with ``--router-mode kv``). Needs ``bash ../shared/peers/setup.sh`` first.
+  With ``--workers`` other than 2 or a router mode other than ``kv``, only tandem runs unless the
+  peer harness supports it (it does not: Dynamo's side is then skipped and said so).
+
+Trace options (``--system-tokens``, ``--user-tokens``, ``--output-tokens``, ``--system-prompts``,
+``--max-turns``, ``--seed``) go to ``serve_bench.py`` unchanged (``workload.py trace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PEERS_ROOT = Path(os.environ.get("PEERS_ROOT", "/tmp/peers"))
+TANDEM_MODEL = "smollm2-135m-instruct"
+DYNAMO_MODEL = "smollm2"
+BLOCK_SIZE = 16
+BLOCKS_PER_WORKER = 4096
+METRICS = ("req_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "cache_hit_frac")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_bench(
+    args: argparse.Namespace, base_url: str, model: str, label: str, out_dir: Path
+) -> dict[str, Any]:
+    """Run the peer harness's client against ``base_url``; its JSON result."""
+    out = out_dir / f"{label}.json"
+    cmd = [
+        str(args.peer_python),
+        str(args.peers / "serve_bench.py"),
+        "--base-url",
+        base_url,
+        "--model",
+        model,
+        "--client",
+        args.client,
+        "--requests",
+        str(args.requests),
+        "--concurrency",
+        str(args.concurrency),
+        "--label",
+        label,
+        "--out",
+        str(out),
+        *args.trace_args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(
+            f"serve_bench failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def run_tandem(args: argparse.Namespace, mode: str, router_mode: str, out_dir: Path) -> dict[str, Any]:
+    port = free_port()
+    log_dir = out_dir / f"tandem-{mode}-{router_mode}-logs"
+    topo = (
+        ["--aggregated", "--decode", str(args.workers)]
+        if mode == "agg"
+        else ["--prefill", "1", "--decode", "1"]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "tandem.services.launcher",
+        "--engine",
+        "mock",
+        "--speedup-ratio",
+        str(args.speedup),
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--num-gpu-blocks-override",
+        str(BLOCKS_PER_WORKER),
+        "--router-mode",
+        router_mode,
+        "--port",
+        str(port),
+        "--log-dir",
+        str(log_dir),
+        "--log-level",
+        "warning",
+        *(["--model-dir", str(args.model_dir)] if args.model_dir else []),
+        *topo,
+        *args.tandem_args,
+    ]
+    stdout = open(out_dir / f"tandem-{mode}-{router_mode}.out", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "tandem is ready" not in Path(stdout.name).read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tandem did not start:\n{Path(stdout.name).read_text()[-3000:]}")
+            time.sleep(0.3)
+        label = f"tandem-{mode}-{router_mode}-s{args.speedup:g}"
+        return serve_bench(args, f"http://127.0.0.1:{port}/v1", TANDEM_MODEL, label, out_dir)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        stdout.close()
+
+
+def run_dynamo(args: argparse.Namespace, mode: str, out_dir: Path) -> dict[str, Any]:
+    port = free_port()
+    stack = args.peers / "dynamo_stack.sh"
+    up = [
+        "bash",
+        str(stack),
+        "up",
+        mode,
+        "--speedup",
+        str(args.speedup),
+        "--port",
+        str(port),
+        "--nats-port",
+        str(free_port()),
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--blocks",
+        str(BLOCKS_PER_WORKER),
+    ]
+    proc = subprocess.run(up, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dynamo_stack up failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    try:
+        label = f"dynamo-{mode}-kv-s{args.speedup:g}"
+        return serve_bench(args, f"http://127.0.0.1:{port}/v1", DYNAMO_MODEL, label, out_dir)
+    finally:
+        subprocess.run(["bash", str(stack), "down"], capture_output=True, text=True, timeout=120)
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return (
+        f"{v:.3f}"
+        if isinstance(v, float) and abs(v) < 10
+        else (f"{v:.1f}" if isinstance(v, float) else str(v))
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers", type=Path, default=REPO.parent / "shared" / "peers", help="peer harness dir")
+    ap.add_argument("--peer-python", type=Path, default=PEERS_ROOT / "venv" / "bin" / "python")
+    ap.add_argument(
+        "--model-dir", type=Path, default=None, help="tandem's model dir (default: its prepared one)"
+    )
+    ap.add_argument("--modes", default="agg,disagg")
+    ap.add_argument("--sides", default="tandem,dynamo")
+    ap.add_argument("--router-modes", default="kv", help="tandem --router-mode values, comma-separated")
+    ap.add_argument("--workers", type=int, default=2, help="aggregated workers (agg mode)")
+    ap.add_argument("--speedup", type=float, default=1e6, help="--speedup-ratio of both mockers")
+    ap.add_argument("--client", default="aiperf", choices=["aiperf", "openai", "auto"])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--json", type=Path, default=None, help="write every run and the ratios here")
+    ap.add_argument(
+        "--tandem-arg",
+        action="append",
+        default=[],
+        dest="tandem_args",
+        help="extra launcher flag for tandem (repeatable, e.g. --tandem-arg=--router-temperature=0.5)",
+    )
+    args, trace_args = ap.parse_known_args()
+    args.trace_args = trace_args
+    if not (args.peers / "serve_bench.py").exists():
+        ap.error(f"peer harness not found in {args.peers} (--peers)")
+    if not args.peer_python.exists():
+        ap.error(f"{args.peer_python} missing: run bash {args.peers}/setup.sh first")
+    sides = args.sides.split(",")
+    router_modes = args.router_modes.split(",")
+    out_dir = Path(tempfile.mkdtemp(prefix="tandem-bench-serving-"))
+    runs: list[dict[str, Any]] = []
+    for rep in range(args.repeat):
+        for mode in args.modes.split(","):
+            for side in sides:
+                if side == "dynamo":
+                    if args.workers != 2 and mode == "agg":
+                        print(
+                            "dynamo: the peer harness runs 2 aggregated workers only; skipped",
+                            file=sys.stderr,
+                        )
+                        continue
+                    todo = [("dynamo", "kv")]
+                else:
+                    todo = [("tandem", rm) for rm in router_modes]
+                for who, rm in todo:
+                    t0 = time.monotonic()
+                    res = (
+                        run_dynamo(args, mode, out_dir)
+                        if who == "dynamo"
+                        else run_tandem(args, mode, rm, out_dir)
+                    )
+                    row = {
+                        "side": who,
+                        "mode": mode,
+                        "router_mode": rm,
+                        "repeat": rep,
+                        **{k: res.get(k) for k in (*METRICS, "completed", "errors", "client")},
+                    }
+                    runs.append(row)
+                    print(
+                        f"{who:7s} {mode:6s} {rm:12s} "
+                        + " ".join(f"{k}={fmt(row[k])}" for k in METRICS)
+                        + f" ({time.monotonic() - t0:.0f} s)",
+                        file=sys.stderr,
+                    )
+
+    print(f"\n{'side':8s}{'mode':8s}{'router':13s}" + "".join(f"{m:>15s}" for m in METRICS))
+    for r in runs:
+        print(
+            f"{r['side']:8s}{r['mode']:8s}{r['router_mode']:13s}"
+            + "".join(f"{fmt(r[m]):>15s}" for m in METRICS)
+        )
+    ratios: list[dict[str, Any]] = []
+    for mode in args.modes.split(","):
+        dyn = [r for r in runs if r["side"] == "dynamo" and r["mode"] == mode]
+        for rm in router_modes:
+            tan = [r for r in runs if r["side"] == "tandem" and r["mode"] == mode and r["router_mode"] == rm]
+            if not dyn or not tan:
+                continue
+            d, t = dyn[-1], tan[-1]
+            ratio = {m: (t[m] / d[m] if t[m] is not None and d[m] else None) for m in METRICS}
+            ratios.append({"mode": mode, "router_mode": rm, **ratio})
+            print(f"ratio   {mode:8s}{rm:13s}" + "".join(f"{fmt(ratio[m]):>15s}" for m in METRICS))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"runs": runs, "ratios": ratios, "artifacts": str(out_dir)}, indent=2)
+        )
+    print(f"(artifacts in {out_dir})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
