@@ -14,7 +14,8 @@ fraction (server-reported ``cached_tokens``) per run, and tandem/Dynamo ratios.
 
 * tandem: ``python -m tandem.services.launcher --engine mock`` (real frontend, router, indexer;
   mock workers: real scheduler, KV block manager and events; Dynamo's timing model divided by
-  ``--speedup``), with Dynamo's stack settings (block size 16, 4096 blocks per worker).
+  ``--speedup``), with Dynamo's stack settings (block size 16, 4096 blocks per worker) and its
+  mocker's batch limits (256 sequences, 8192 tokens per step).
 * Dynamo: ``dynamo_stack.sh up agg|disagg --speedup X`` (2 mockers or 1 prefill + 1 decode
   mocker, frontend with ``--router-mode kv``). Needs ``bash ../shared/peers/setup.sh`` first.
   With ``--workers`` other than 2 or a router mode other than ``kv``, only tandem runs unless the
@@ -44,6 +45,10 @@ TANDEM_MODEL = "smollm2-135m-instruct"
 DYNAMO_MODEL = "smollm2"
 BLOCK_SIZE = 16
 BLOCKS_PER_WORKER = 4096
+#: Dynamo 1.6.1 mocker's defaults (``python -m dynamo.mocker --help``), given to tandem's mock
+#: workers too so both sides batch alike (tandem's own defaults suit the CPU model).
+MOCKER_MAX_NUM_SEQS = 256
+MOCKER_MAX_NUM_BATCHED_TOKENS = 8192
 METRICS = ("req_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "cache_hit_frac")
 
 
@@ -106,6 +111,10 @@ def run_tandem(args: argparse.Namespace, mode: str, router_mode: str, out_dir: P
         str(BLOCK_SIZE),
         "--num-gpu-blocks-override",
         str(BLOCKS_PER_WORKER),
+        "--max-num-seqs",
+        str(MOCKER_MAX_NUM_SEQS),
+        "--max-num-batched-tokens",
+        str(MOCKER_MAX_NUM_BATCHED_TOKENS),
         "--router-mode",
         router_mode,
         "--port",
@@ -231,12 +240,23 @@ def main() -> int:
                         if who == "dynamo"
                         else run_tandem(args, mode, rm, out_dir)
                     )
+                    flat = {
+                        "req_per_s": res.get("req_per_s"),
+                        "ttft_p50_ms": (res.get("ttft_ms") or {}).get("p50"),
+                        "ttft_p99_ms": (res.get("ttft_ms") or {}).get("p99"),
+                        "itl_p50_ms": (res.get("itl_ms") or {}).get("p50"),
+                        "itl_p99_ms": (res.get("itl_ms") or {}).get("p99"),
+                        "cache_hit_frac": res.get("cache_hit_frac"),
+                        "completed": res.get("completed"),
+                        "errors": res.get("errors"),
+                        "client": res.get("client"),
+                    }
                     row = {
                         "side": who,
                         "mode": mode,
                         "router_mode": rm,
                         "repeat": rep,
-                        **{k: res.get(k) for k in (*METRICS, "completed", "errors", "client")},
+                        **flat,
                     }
                     runs.append(row)
                     print(
