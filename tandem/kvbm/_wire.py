@@ -6,7 +6,10 @@ protocol Structs: same msgpack wire format, same tags and fields, same validatio
 decoder rejects), but declared ``gc=False`` so that the hundreds of thousands of block Structs a
 busy indexer decodes per second are never tracked by Python's cyclic garbage collector. (Decoded
 messages hold only ints, strings and lists of them: they cannot form reference cycles.)
-:meth:`tandem.kvbm.radix.RadixTree.apply` accepts these events as well as the protocol ones.
+``apply`` of both radix trees (:mod:`tandem.kvbm.radix`) accepts these events as well as the
+protocol ones. With the native tree the indexer first tries its C parser
+(``NativeRadixTree.parse``), which takes exactly the payloads tandem's encoder writes and answers
+None for anything else; this decoder then accepts or rejects them.
 
 Tags are taken from the protocol classes, so the two cannot drift apart silently; the unit tests
 also check that both decoders agree.

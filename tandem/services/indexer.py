@@ -10,7 +10,9 @@ Life cycle
    a restarted indexer rebuilds its :class:`~tandem.kvbm.radix.RadixTree` from the stream
    (events are kept for ``KV_EVENTS_MAX_AGE_S``). The indexer is *caught up* (health
    ``ready=True``) once the consumer has no pending messages.
-3. **serve** — apply each :class:`~tandem.protocol.messages.KvEventBatch` in stream order and answer
+3. **serve** — apply each :class:`~tandem.protocol.messages.KvEventBatch` in stream order (with the
+   native tree, payloads are parsed by its C parser; anything it does not take is decoded by
+   msgspec, so both accept and reject exactly the same payloads) and answer
    :class:`~tandem.protocol.messages.OverlapQuery` → :class:`~tandem.protocol.messages.OverlapScores`
    on ``{ns}.indexer.overlap`` (queue group ``indexer``), also while replaying (partial answers).
 
@@ -39,7 +41,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js import api
 
 from tandem.kvbm._wire import decode_kv_event_batch
-from tandem.kvbm.radix import RadixTree
+from tandem.kvbm.radix import EventGap, NativeRadixTree, make_radix_tree
 from tandem.protocol.messages import InstanceInfo, OverlapQuery, OverlapScores
 from tandem.services.runtime import (
     InstanceRegistry,
@@ -56,13 +58,21 @@ class KvIndexer:
 
     ``stale_worker_s``: seconds after which a worker that is not registered and sent no event is
     dropped from the tree. ``sweep_interval_s``: how often that is checked (seconds).
+    ``radix_impl``: ``"native"``, ``"python"`` or ``"auto"`` (:func:`~tandem.kvbm.radix.make_radix_tree`;
+    default: ``TANDEM_RADIX``, else the native tree when it is built).
     """
 
     def __init__(
-        self, svc: ServiceBase, *, stale_worker_s: float = 15.0, sweep_interval_s: float = 2.0
+        self,
+        svc: ServiceBase,
+        *,
+        stale_worker_s: float = 15.0,
+        sweep_interval_s: float = 2.0,
+        radix_impl: str | None = None,
     ) -> None:
         self.svc = svc
-        self.tree = RadixTree()
+        self.tree = make_radix_tree(radix_impl)
+        self._native = self.tree if isinstance(self.tree, NativeRadixTree) else None
         self.registry = InstanceRegistry(svc.js, svc.subjects)
         self.stale_worker_s = stale_worker_s
         self.sweep_interval_s = sweep_interval_s
@@ -108,6 +118,7 @@ class KvIndexer:
             stream=svc.subjects.kv_events_stream,
             stream_messages=info.state.messages,
             workers=len(self.registry),
+            radix=self.tree.IMPL,
         )
 
     async def _stop_consumer(self) -> None:
@@ -148,6 +159,23 @@ class KvIndexer:
                     self.log.info("caught_up", events=self.events, blocks=self.tree.num_blocks())
 
     def _apply_payload(self, subject: str, data: bytes) -> None:
+        native = self._native
+        if native is not None:
+            # Fast path (native tree): its C parser takes the payload as tandem's encoder writes
+            # it and answers None for anything else, which msgspec then accepts or rejects below.
+            parsed = native.parse(data)
+            if parsed is not None:
+                worker, events = parsed
+                self._batch_started(worker)
+                apply_parsed = native.apply_parsed
+                for event in events:
+                    if event[0] == 0 and native.last_event_id(worker) is not None:
+                        self._worker_restarted(worker)
+                    gap = apply_parsed(worker, *event)
+                    self.events += 1
+                    if gap is not None:
+                        self._log_gap(gap)
+                return
         try:
             # Same wire format and validation as decode_as(KvEventBatch, data), lighter objects.
             batch = decode_kv_event_batch(data)
@@ -155,27 +183,32 @@ class KvIndexer:
             self.bad_payloads += 1
             self.log.warning("bad_kv_event_batch", msg_subject=subject, error=str(e), nbytes=len(data))
             return
-        self.batches += 1
         worker = batch.worker_id
-        self._last_event_at[worker] = time.monotonic()
-        for event in batch.events:
-            last = self.tree.last_event_id(worker)
-            if event.event_id == 0 and last is not None:
-                # The worker restarted (fresh pool, ids from 0): its old blocks are gone.
-                self.restarts += 1
-                self.log.info("worker_restarted", worker_id=worker, last_event_id=last)
-                self.tree.remove_worker(worker)
-            gap = self.tree.apply(worker, event)
+        self._batch_started(worker)
+        tree = self.tree
+        for ev in batch.events:
+            if ev.event_id == 0 and tree.last_event_id(worker) is not None:
+                self._worker_restarted(worker)
+            gap = tree.apply(worker, ev)
             self.events += 1
             if gap is not None:
-                self.gaps += 1
-                self.log.warning(
-                    "kv_event_gap",
-                    worker_id=worker,
-                    expected=gap.expected,
-                    got=gap.got,
-                    missed=gap.missed,
-                )
+                self._log_gap(gap)
+
+    def _batch_started(self, worker: str) -> None:
+        self.batches += 1
+        self._last_event_at[worker] = time.monotonic()
+
+    def _worker_restarted(self, worker: str) -> None:
+        # The worker restarted (fresh pool, ids from 0): its old blocks are gone.
+        self.restarts += 1
+        self.log.info("worker_restarted", worker_id=worker, last_event_id=self.tree.last_event_id(worker))
+        self.tree.remove_worker(worker)
+
+    def _log_gap(self, gap: EventGap) -> None:
+        self.gaps += 1
+        self.log.warning(
+            "kv_event_gap", worker_id=gap.worker_id, expected=gap.expected, got=gap.got, missed=gap.missed
+        )
 
     # ---- workers leaving -------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""KV indexer against a real nats-server: events from the stream → overlap scores."""
+"""KV indexer against a real nats-server: events from the stream → overlap scores. Every test runs
+with the native radix tree (C parser fast path, msgspec fallback) and the pure-Python one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import structlog
 from nats.aio.client import Client as NatsClient
 
+from tandem.kvbm.radix import NATIVE_AVAILABLE
 from tandem.protocol import Subjects
 from tandem.protocol.messages import (
     Health,
@@ -36,20 +38,34 @@ def ns() -> str:
     return f"ix{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(
+    params=[
+        pytest.param("native", marks=pytest.mark.skipif(not NATIVE_AVAILABLE, reason="extension not built")),
+        "python",
+    ]
+)
+def radix_impl(request: pytest.FixtureRequest) -> str:
+    impl: str = request.param
+    return impl
+
+
 class Indexers:
     """Starts in-process indexers on one namespace and shuts them all down."""
 
-    def __init__(self, nats_url: str, ns: str) -> None:
+    def __init__(self, nats_url: str, ns: str, radix_impl: str) -> None:
         self.nats_url = nats_url
         self.ns = ns
+        self.radix_impl = radix_impl
         self.started: list[ServiceBase] = []
 
-    async def start(self, **kwargs: float) -> KvIndexer:
+    async def start(self, *, stale_worker_s: float = 3600.0, sweep_interval_s: float = 2.0) -> KvIndexer:
         svc = ServiceBase("indexer", nats_url=self.nats_url, namespace=self.ns, drain_timeout_s=2.0)
         self.started.append(svc)
         await svc.start()
-        kwargs.setdefault("stale_worker_s", 3600.0)
-        indexer = KvIndexer(svc, **kwargs)
+        indexer = KvIndexer(
+            svc, stale_worker_s=stale_worker_s, sweep_interval_s=sweep_interval_s, radix_impl=self.radix_impl
+        )
+        assert self.radix_impl == indexer.tree.IMPL
         await indexer.start()
         await self._wait_for_interest(svc.subjects.indexer_overlap)
         return indexer
@@ -79,8 +95,8 @@ class Indexers:
 
 
 @pytest.fixture
-async def indexers(nats_url: str, ns: str) -> AsyncIterator[Indexers]:
-    ix = Indexers(nats_url, ns)
+async def indexers(nats_url: str, ns: str, radix_impl: str) -> AsyncIterator[Indexers]:
+    ix = Indexers(nats_url, ns, radix_impl)
     try:
         yield ix
     finally:

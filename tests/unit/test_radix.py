@@ -1,4 +1,5 @@
-"""RadixTree: KV events → blocks per worker; overlap scores checked against a reference model."""
+"""RadixTree: KV events → blocks per worker; overlap scores checked against a reference model.
+Every tree test runs on both implementations (pure Python and native, see test_radix_native.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from tandem.kvbm._wire import decode_kv_event_batch
 from tandem.kvbm.hashing import compute_block_hashes, compute_local_hashes
 from tandem.kvbm.manager import KvCacheManager
-from tandem.kvbm.radix import EventGap, RadixTree
+from tandem.kvbm.radix import NATIVE_AVAILABLE, BaseRadixTree, EventGap, NativeRadixTree, PyRadixTree
 from tandem.protocol.messages import (
     KvCleared,
     KvEvent,
@@ -31,6 +32,28 @@ from tandem.protocol.messages import (
 PEERS = Path(__file__).resolve().parents[3] / "shared" / "peers"
 
 BS = 4
+
+TreeClass = type[BaseRadixTree]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(PyRadixTree, id="python"),
+        pytest.param(
+            NativeRadixTree,
+            id="native",
+            marks=pytest.mark.skipif(
+                not NATIVE_AVAILABLE,
+                reason="tandem.kvbm._radix_native not built (no C compiler at install time); "
+                "test_radix_native.py fails if a compiler exists",
+            ),
+        ),
+    ]
+)
+def tree_cls(request: pytest.FixtureRequest) -> TreeClass:
+    """Every test runs on both implementations: the pure-Python reference and the native one."""
+    cls: TreeClass = request.param
+    return cls
 
 
 class Events:
@@ -62,8 +85,8 @@ def toks(n: int, base: int = 0) -> list[int]:
     return [base + i for i in range(n)]
 
 
-def test_store_match_remove() -> None:
-    tree = RadixTree()
+def test_store_match_remove(tree_cls: TreeClass) -> None:
+    tree = tree_cls()
     a, b = Events(), Events()
     p = toks(20)  # 5 blocks
     h = compute_block_hashes(p, BS)
@@ -98,12 +121,12 @@ def test_store_match_remove() -> None:
     tree.remove_worker("A")
     assert tree.find_matches(h) == {}
     assert tree.num_blocks() == 0 and tree.workers() == {"B"}
-    assert tree._blocks == {}  # everything pruned
+    assert tree.block_masks() == {}  # everything pruned
     tree.check_integrity()
 
 
-def test_event_id_gaps_are_reported() -> None:
-    tree = RadixTree()
+def test_event_id_gaps_are_reported(tree_cls: TreeClass) -> None:
+    tree = tree_cls()
     ev = Events()
     p = toks(8)
     assert tree.last_event_id("W") is None
@@ -125,8 +148,8 @@ def test_event_id_gaps_are_reported() -> None:
     assert tree.last_event_id("W") is None
 
 
-def test_unknown_parent_is_attached_detached_then_linked() -> None:
-    tree = RadixTree()
+def test_unknown_parent_is_attached_detached_then_linked(tree_cls: TreeClass) -> None:
+    tree = tree_cls()
     a, b = Events(), Events()
     p = toks(16)
     h = compute_block_hashes(p, BS)
@@ -142,19 +165,19 @@ def test_unknown_parent_is_attached_detached_then_linked() -> None:
     tree.check_integrity()
     tree.remove_worker("A")
     tree.remove_worker("B")
-    assert tree._blocks == {} and tree.num_blocks() == 0
+    assert tree.block_masks() == {} and tree.num_blocks() == 0
 
 
-def test_unknown_removals_are_counted_not_fatal() -> None:
-    tree = RadixTree()
+def test_unknown_removals_are_counted_not_fatal(tree_cls: TreeClass) -> None:
+    tree = tree_cls()
     ev = Events()
     tree.apply("A", ev.removed([1, 2, 3]))
     assert tree.unknown_removed_blocks == 3
     tree.check_integrity()
 
 
-def test_integrity_check_can_fail() -> None:
-    tree = RadixTree()
+def test_integrity_check_can_fail(tree_cls: TreeClass) -> None:
+    tree = tree_cls()
     tree.apply("A", Events().stored(toks(8)))
     tree._count["A"] += 1
     with pytest.raises(RuntimeError):
@@ -174,7 +197,7 @@ def _reference_matches(held: dict[str, set[int]], query: list[int]) -> dict[str,
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_random_events_match_reference_model(seed: int) -> None:
+def test_random_events_match_reference_model(seed: int, tree_cls: TreeClass) -> None:
     """Random stores / removals / clears / worker removals from several workers over sequences
     with shared prefixes, some events lost (the reference model never sees them either, exactly
     like the tree): find_matches always equals the leading-run reference."""
@@ -185,7 +208,7 @@ def test_random_events_match_reference_model(seed: int) -> None:
     seqs = [
         [*rng.choice(trunks), *(rng.randrange(2) for _ in range(BS * rng.randrange(0, 4)))] for _ in range(12)
     ]
-    tree = RadixTree()
+    tree = tree_cls()
     gens = {w: Events() for w in workers}
     held: dict[str, set[int]] = {}
     for _ in range(1500):
@@ -232,10 +255,10 @@ def test_random_events_match_reference_model(seed: int) -> None:
     assert tree.unknown_parent_events > 0  # the detached-subtree path was exercised
     for w in workers:
         tree.remove_worker(w)
-    assert tree.num_blocks() == 0 and tree._blocks == {}
+    assert tree.num_blocks() == 0 and tree.block_masks() == {}
 
 
-def test_indexer_agrees_with_workers_caches() -> None:
+def test_indexer_agrees_with_workers_caches(tree_cls: TreeClass) -> None:
     """End to end without NATS: several KvCacheManagers run random requests, their events feed
     one tree, and the tree's overlap score for every worker equals what that worker would
     actually hit (lookup_prefix)."""
@@ -245,7 +268,7 @@ def test_indexer_agrees_with_workers_caches() -> None:
     prompts = [
         [*rng.choice(trunks), *(rng.randrange(3) for _ in range(rng.randrange(0, 14)))] for _ in range(15)
     ]
-    tree = RadixTree()
+    tree = tree_cls()
     running: dict[str, list[str]] = {w: [] for w in managers}
     for step in range(1500):
         w = rng.choice(list(managers))
@@ -278,10 +301,10 @@ def prompt_of(hashes: list[int], prompts: list[list[int]]) -> list[int]:
     raise AssertionError("unknown prompt")
 
 
-def test_find_matches_is_fast_on_a_big_tree() -> None:
+def test_find_matches_is_fast_on_a_big_tree(tree_cls: TreeClass) -> None:
     import time
 
-    tree = RadixTree()
+    tree = tree_cls()
     for w in range(8):
         ev = Events()
         for i in range(200):
@@ -295,8 +318,8 @@ def test_find_matches_is_fast_on_a_big_tree() -> None:
     assert per < 0.005, f"find_matches over 64 blocks took {per * 1e3:.2f} ms"
 
 
-def test_slots_are_reused_after_remove_worker() -> None:
-    tree = RadixTree()
+def test_slots_are_reused_after_remove_worker(tree_cls: TreeClass) -> None:
+    tree = tree_cls()
     p = toks(12)
     h = compute_block_hashes(p, BS)
     gens = {w: Events() for w in ("a", "b", "c")}
@@ -306,14 +329,14 @@ def test_slots_are_reused_after_remove_worker() -> None:
     tree.remove_worker("b")
     assert tree.find_matches(h) == {"a": 3, "c": 3}  # cached names for the old mask not reused
     tree.apply("d", Events().stored(p, 0, 1))  # takes b's bit position
-    assert tree._bit["d"] == 1 << 1
+    assert tree._slot["d"] == 1
     assert tree.find_matches(h) == {"a": 3, "c": 3, "d": 1}
     tree.check_integrity()
     assert tree.worker_num_blocks("d") == 1 and tree.worker_num_blocks("b") == 0
 
 
-def test_duplicates_and_restores_are_idempotent() -> None:
-    tree = RadixTree()
+def test_duplicates_and_restores_are_idempotent(tree_cls: TreeClass) -> None:
+    tree = tree_cls()
     a, b = Events(), Events()
     p = toks(12)
     h = compute_block_hashes(p, BS)
@@ -339,9 +362,9 @@ def test_duplicates_and_restores_are_idempotent() -> None:
     tree.check_integrity()
 
 
-def test_many_workers_dropping_out_at_every_depth() -> None:
+def test_many_workers_dropping_out_at_every_depth(tree_cls: TreeClass) -> None:
     """100 workers (masks wider than a machine word); worker i holds the first i % 17 blocks."""
-    tree = RadixTree()
+    tree = tree_cls()
     p = toks(BS * 20)
     h = compute_block_hashes(p, BS)
     want = {}
@@ -357,7 +380,7 @@ def test_many_workers_dropping_out_at_every_depth() -> None:
     tree.check_integrity()
 
 
-def test_fast_decoder_agrees_with_protocol_decoder() -> None:
+def test_fast_decoder_agrees_with_protocol_decoder(tree_cls: TreeClass) -> None:
     """The indexer's gc-free mirrors decode exactly what the protocol decoder does and reject
     the same payloads."""
     ev = Events()
@@ -369,10 +392,10 @@ def test_fast_decoder_agrees_with_protocol_decoder() -> None:
     data = encode(batch)
     fast = decode_kv_event_batch(data)
     assert msgspec.to_builtins(fast) == msgspec.to_builtins(decoder(KvEventBatch).decode(data))
-    tree, ref = RadixTree(), RadixTree()
+    tree, ref = tree_cls(), tree_cls()
     for a, b in zip(fast.events, batch.events, strict=True):
         assert tree.apply("w", a) == ref.apply("w", b)
-    assert tree._blocks == ref._blocks
+    assert tree.block_masks() == ref.block_masks()
     raw = msgspec.to_builtins(batch)
     bad: list[Any] = [
         b"\xc1",
@@ -468,7 +491,7 @@ class DynamoModel:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_shared_workload_scores_equal_dynamo_model(seed: int) -> None:
+def test_shared_workload_scores_equal_dynamo_model(seed: int, tree_cls: TreeClass) -> None:
     """A small ``../shared/peers/workload.py kv`` workload (Zipf-shared prefixes, LRU eviction),
     fed as msgpack KvEventBatch payloads through the indexer's decoder: every query's scores
     equal Dynamo's semantics (the full-size check against the real binding is
@@ -488,7 +511,7 @@ def test_shared_workload_scores_equal_dynamo_model(seed: int) -> None:
     )
     wl = w.build_kv_workload(params)
     assert wl.stats["removed_events"] > 0
-    tree, model = RadixTree(), DynamoModel()
+    tree, model = tree_cls(), DynamoModel()
     for e in wl.events:
         if isinstance(e, w.StoredEvent):
             blocks = [StoredBlock(block_hash=s, tokens_hash=lh) for s, lh in e.blocks]
