@@ -18,8 +18,8 @@ fraction (server-reported ``cached_tokens``) per run, and tandem/Dynamo ratios.
   mocker's batch limits (256 sequences, 8192 tokens per step).
 * Dynamo: ``dynamo_stack.sh up agg|disagg --speedup X`` (2 mockers or 1 prefill + 1 decode
   mocker, frontend with ``--router-mode kv``). Needs ``bash ../shared/peers/setup.sh`` first.
-  With ``--workers`` other than 2 or a router mode other than ``kv``, only tandem runs unless the
-  peer harness supports it (it does not: Dynamo's side is then skipped and said so).
+  With ``--workers`` other than 2 or a router mode other than ``kv``, the same processes are
+  started by this script (same environment and mocker flags as ``dynamo_stack.sh``).
 
 Trace options (``--system-tokens``, ``--user-tokens``, ``--output-tokens``, ``--system-prompts``,
 ``--max-turns``, ``--seed``) go to ``serve_bench.py`` unchanged (``workload.py trace``).
@@ -28,6 +28,7 @@ Trace options (``--system-tokens``, ``--user-tokens``, ``--output-tokens``, ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -175,6 +176,99 @@ def run_dynamo(args: argparse.Namespace, mode: str, out_dir: Path) -> dict[str, 
         subprocess.run(["bash", str(stack), "down"], capture_output=True, text=True, timeout=120)
 
 
+def _dynamo_env(args: argparse.Namespace, nats_port: int, run_dir: Path) -> dict[str, str]:
+    """The peer harness's Dynamo environment (``dynamo_stack.sh env``), with our own run dir."""
+    out = subprocess.run(
+        ["bash", str(args.peers / "dynamo_stack.sh"), "env", str(nats_port)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    env = dict(os.environ)
+    for line in out.splitlines():
+        if line.startswith("export ") and "=" in line:
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = value
+    env["DYN_FILE_KV"] = str(run_dir / "kvstore")
+    env["XDG_CACHE_HOME"] = str(run_dir / "cache")
+    env["DYN_LOG"] = "warn"
+    return env
+
+
+def _wait_http(url: str, body: bytes | None, deadline: float) -> bool:
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run_dynamo_custom(args: argparse.Namespace, mode: str, router_mode: str, out_dir: Path) -> dict[str, Any]:
+    """Dynamo with ``--workers`` aggregated mockers (or 1 + 1 disaggregated) and any router mode,
+    started like ``dynamo_stack.sh`` does (same environment, same mocker flags)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="dynamo-", dir=out_dir))
+    port, nats_port = free_port(), free_port()
+    env = _dynamo_env(args, nats_port, run_dir)
+    py = str(args.peer_python)
+    common = [
+        "--model-path", str(PEERS_ROOT / "smollm2-dir"), "--model-name", DYNAMO_MODEL,
+        "--num-gpu-blocks-override", str(BLOCKS_PER_WORKER), "--block-size", str(BLOCK_SIZE),
+        "--speedup-ratio", str(args.speedup),
+    ]  # fmt: skip
+    cmds: list[list[str]] = [
+        [str(PEERS_ROOT / "venv" / "bin" / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port), "-js",
+         "-sd", str(run_dir / "js")],
+    ]  # fmt: skip
+    if mode == "agg":
+        cmds += [[py, "-m", "dynamo.mocker", *common] for _ in range(args.workers)]
+    else:
+        cmds += [
+            [py, "-m", "dynamo.mocker", *common, "--disaggregation-mode", m] for m in ("prefill", "decode")
+        ]
+    cmds.append(
+        [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
+         "--router-mode", router_mode]
+    )  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+    try:
+        for i, cmd in enumerate(cmds):
+            log = open(run_dir / f"proc-{i}.log", "wb")  # noqa: SIM115
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+            if i == 0:
+                time.sleep(1.0)
+        body = json.dumps(
+            {"model": DYNAMO_MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+        ).encode()
+        if not _wait_http(f"http://127.0.0.1:{port}/v1/chat/completions", body, time.monotonic() + 240):
+            raise RuntimeError(f"Dynamo did not become ready (logs in {run_dir})")
+        time.sleep(3.0)  # let every mocker register with the router
+        label = f"dynamo-{mode}-{router_mode}-w{args.workers}-s{args.speedup:g}"
+        return serve_bench(args, f"http://127.0.0.1:{port}/v1", DYNAMO_MODEL, label, out_dir)
+    finally:
+        for proc in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+        for proc in reversed(procs):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        for log in logs:
+            log.close()
+
+
 def fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -224,19 +318,18 @@ def main() -> int:
         for mode in args.modes.split(","):
             for side in sides:
                 if side == "dynamo":
-                    if args.workers != 2 and mode == "agg":
-                        print(
-                            "dynamo: the peer harness runs 2 aggregated workers only; skipped",
-                            file=sys.stderr,
-                        )
-                        continue
-                    todo = [("dynamo", "kv")]
+                    todo = [("dynamo", rm) for rm in router_modes]
                 else:
                     todo = [("tandem", rm) for rm in router_modes]
                 for who, rm in todo:
                     t0 = time.monotonic()
+                    custom = args.workers != 2 or rm != "kv"
                     res = (
-                        run_dynamo(args, mode, out_dir)
+                        (
+                            run_dynamo_custom(args, mode, rm, out_dir)
+                            if custom
+                            else run_dynamo(args, mode, out_dir)
+                        )
                         if who == "dynamo"
                         else run_tandem(args, mode, rm, out_dir)
                     )
@@ -274,8 +367,8 @@ def main() -> int:
         )
     ratios: list[dict[str, Any]] = []
     for mode in args.modes.split(","):
-        dyn = [r for r in runs if r["side"] == "dynamo" and r["mode"] == mode]
         for rm in router_modes:
+            dyn = [r for r in runs if r["side"] == "dynamo" and r["mode"] == mode and r["router_mode"] == rm]
             tan = [r for r in runs if r["side"] == "tandem" and r["mode"] == mode and r["router_mode"] == rm]
             if not dyn or not tan:
                 continue

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import time
 from typing import Any
 
@@ -51,6 +53,9 @@ from tandem.services.runtime import (
 )
 
 SERVICE = "indexer"
+#: Lag samples kept (the health answer reports their p50/p99) and the sampling period (messages).
+LAG_SAMPLES = 4096
+LAG_SAMPLE_EVERY = 8
 
 
 class KvIndexer:
@@ -79,12 +84,16 @@ class KvIndexer:
         self.caught_up = asyncio.Event()
         self.batches = 0
         self.events = 0
+        #: Indexer lag samples (ms): apply time minus the event's JetStream timestamp, for every
+        #: ``LAG_SAMPLE_EVERY``-th live message (replayed ones are not lag).
+        self.lag_ms: collections.deque[float] = collections.deque(maxlen=LAG_SAMPLES)
         self.bad_payloads = 0
         self.gaps = 0
         self.restarts = 0
         self._last_event_at: dict[str, float] = {}  # worker -> time.monotonic() of its last event
         self._consumer: Any = None
         self.log = svc.log
+        self._received = 0
 
     async def start(self) -> None:
         """Load workers, start the stream consumer and serve overlap queries.
@@ -128,6 +137,10 @@ class KvIndexer:
 
     def _readiness(self) -> tuple[bool, str]:
         detail = f"blocks={self.tree.num_blocks()} workers={len(self.tree.workers())} events={self.events}"
+        if self.lag_ms:
+            lags = sorted(self.lag_ms)
+            p50, p99 = lags[len(lags) // 2], lags[min(len(lags) - 1, round(0.99 * (len(lags) - 1)))]
+            detail += f" lag_p50_ms={p50:.2f} lag_p99_ms={p99:.2f}"
         if not self.caught_up.is_set():
             return False, "replaying KV events; " + detail
         return True, detail
@@ -149,7 +162,13 @@ class KvIndexer:
         try:
             self._apply_payload(msg.subject, msg.data)
         finally:
-            if not self.caught_up.is_set():
+            if self.caught_up.is_set():
+                self._received += 1
+                if self._received % LAG_SAMPLE_EVERY == 0:
+                    with contextlib.suppress(Exception):  # a message without JetStream metadata
+                        sent = msg.metadata.timestamp.timestamp()
+                        self.lag_ms.append((time.time() - sent) * 1e3)
+            else:
                 try:
                     pending = msg.metadata.num_pending
                 except Exception:  # not a JetStream message (cannot happen on this consumer)

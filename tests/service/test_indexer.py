@@ -147,6 +147,18 @@ async def test_events_to_overlap_scores(nc: NatsClient, ns: str, indexers: Index
     assert h.ready and h.service == "indexer"
 
 
+async def test_health_reports_indexer_lag(nc: NatsClient, ns: str, indexers: Indexers) -> None:
+    """Live events are sampled for lag (apply time minus JetStream timestamp): p50/p99 in ms."""
+    indexer = await indexers.start()
+    for i in range(32):
+        await publish_events(nc, ns, "wl", stored(i, [100 + i], parent=(99 + i) if i else None))
+    await eventually(lambda: indexer.events == 32)
+    assert len(indexer.lag_ms) == 32 // 8
+    assert all(0 <= lag < 10_000 for lag in indexer.lag_ms)
+    h = await request(nc, Subjects(ns).health("indexer"), HealthRequest(), Health, timeout=2)
+    assert "lag_p50_ms=" in h.detail and "lag_p99_ms=" in h.detail
+
+
 async def test_worker_leaving_registry_removes_its_blocks(
     nc: NatsClient, ns: str, indexers: Indexers
 ) -> None:
