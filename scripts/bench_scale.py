@@ -12,7 +12,8 @@ of ~600 tokens built from 32 shared prefixes, so the indexer holds real overlap)
 * the launcher's ready time (s) and requests/s, TTFT p50/p99 as the frontend reports it
   (``tandem.ttft_ms``);
 * the router's routing decision time p50/p99 (µs; the router's own timer around the policy and
-  its active-sequence bookkeeping, read from its health answer);
+  its active-sequence bookkeeping, read from its health answer): wall time, and the router
+  thread's CPU time (the wall time also holds whatever else the saturated machine ran);
 * the indexer's lag: time from a KV event's JetStream timestamp to its application (ms, p50/p99,
   from its health answer), and KV events applied;
 * the peak RSS of every process (MB), grouped by service.
@@ -182,6 +183,8 @@ async def main() -> int:
             ttft_p99_ms=pct(ttfts, 0.99),
             router_decide_p50_us=detail_value(router, "decide_p50_us"),
             router_decide_p99_us=detail_value(router, "decide_p99_us"),
+            router_decide_cpu_p50_us=detail_value(router, "decide_cpu_p50_us"),
+            router_decide_cpu_p99_us=detail_value(router, "decide_cpu_p99_us"),
             indexer_lag_p50_ms=detail_value(indexer, "lag_p50_ms"),
             indexer_lag_p99_ms=detail_value(indexer, "lag_p99_ms"),
             indexer_events=detail_value(indexer, "events"),

@@ -188,7 +188,8 @@ class PrefillRouter:
         return True, (
             f"prefill_workers={n_prefill} decode_workers={n_decode} inflight={len(self._requests)} "
             f"mode={self.config.router_mode} tracked={int(s['tracked'])} decisions={int(s['decisions'])} "
-            f"decide_p50_us={s['p50_us']:.1f} decide_p99_us={s['p99_us']:.1f}"
+            f"decide_p50_us={s['p50_us']:.1f} decide_p99_us={s['p99_us']:.1f} "
+            f"decide_cpu_p50_us={s['cpu_p50_us']:.1f} decide_cpu_p99_us={s['cpu_p99_us']:.1f}"
         )
 
     # ---- cancel / finished / workers ---------------------------------------------------------------
