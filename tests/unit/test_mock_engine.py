@@ -356,7 +356,10 @@ def test_kv_bytes_per_token_sizes_blocks() -> None:
     assert eng.block_nbytes == BS * 1024
     assert eng.kv.num_blocks == 2**30 // (BS * 1024)
     # The model engine always uses the real geometry.
-    assert EngineConfig(kv_bytes_per_token=1024).block_nbytes(SMOLLM2_135M_CONFIG) == BS * 23040
+    assert (
+        EngineConfig(kv_bytes_per_token=1024, dtype="bfloat16").block_nbytes(SMOLLM2_135M_CONFIG)
+        == BS * 23040
+    )
 
 
 def test_config_validation() -> None:
