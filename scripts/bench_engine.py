@@ -74,8 +74,11 @@ def main() -> None:
         )
         print(line + (f" simulated (engine overhead {wall * 1e3:.2f} ms)" if mock else ""))
         for bs in args.batches:
+            # Distinct prompts for the two runs: the same ones would hit the prefix cache the
+            # second time, and the difference would no longer be 32 decode steps.
             prompts = [list(range(5000 + 70 * i, 5064 + 70 * i)) for i in range(bs)]
             p_wall, p_sim = timed(engine, prompts, 1)
+            prompts = [list(range(20000 + 70 * i, 20064 + 70 * i)) for i in range(bs)]
             t_wall, t_sim = timed(engine, prompts, 33)
             tokens = bs * 32
             if mock:
