@@ -54,6 +54,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tandem.protocol import DEFAULT_NAMESPACE, Subjects
@@ -216,6 +217,7 @@ def get_logger(name: str = "tandem") -> Any:
 # ---- tracing ----------------------------------------------------------------------------------------
 
 _provider: TracerProvider | None = None
+_tracers: dict[tuple[int, str], trace.Tracer] = {}
 
 
 def setup_tracing(service: str, exporter: SpanExporter | None = None) -> TracerProvider:
@@ -223,11 +225,20 @@ def setup_tracing(service: str, exporter: SpanExporter | None = None) -> TracerP
 
     Spans go to an OTLP/HTTP exporter when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (batched), and
     to ``exporter`` when given (synchronously; tests pass an ``InMemorySpanExporter``). With
-    neither, spans are created (trace ids still propagate) but not exported. Calling it again
-    replaces the runtime's provider; the first call also installs it as the OTel global one.
+    neither, nothing would ever read a span, so the sampler records none of its own
+    (``ParentBased(ALWAYS_OFF)``: a root span is not sampled, a remote parent's decision is
+    kept): spans still exist and trace ids still propagate in ``traceparent``, at a third of
+    the cost. Calling it again replaces the runtime's provider; the first call also installs
+    it as the OTel global one.
     """
     global _provider
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    exporting = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")) or exporter is not None
+    resource = Resource.create({"service.name": service})
+    provider = (
+        TracerProvider(resource=resource)
+        if exporting
+        else TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_OFF))
+    )
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -237,6 +248,7 @@ def setup_tracing(service: str, exporter: SpanExporter | None = None) -> TracerP
     if _provider is None:
         trace.set_tracer_provider(provider)
     _provider = provider
+    _tracers.clear()
     return provider
 
 
@@ -249,9 +261,13 @@ def shutdown_tracing() -> None:
 
 def get_tracer(name: str = "tandem") -> trace.Tracer:
     """Tracer from the runtime's provider (or the OTel global one before :func:`setup_tracing`)."""
-    if _provider is not None:
-        return _provider.get_tracer(name)
-    return trace.get_tracer(name)
+    if _provider is None:
+        return trace.get_tracer(name)
+    key = (id(_provider), name)
+    tracer = _tracers.get(key)
+    if tracer is None:
+        tracer = _tracers[key] = _provider.get_tracer(name)
+    return tracer
 
 
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats.errors
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient, TestServer
@@ -57,6 +56,8 @@ from tandem.services.frontend import (
     TokenStream,
     create_app,
 )
+from tandem.services.frontend.preprocess import PromptEncoder
+from tandem.services.frontend.render import DONE, renderer_for, stream_batches
 from tandem.services.frontend.service import parse_args
 from tandem.services.runtime import InstanceRegistry, TaskTracker, connect, ensure_jetstream, serve
 from tests.conftest import free_port
@@ -648,17 +649,21 @@ async def test_timeout_gives_504_and_cancel(env: Env) -> None:
     assert cancel.reason == "timeout"
 
 
-async def _assert_inbox_released(nc: NatsClient, inbox: str) -> None:
-    """Nobody listens on ``inbox`` any more (NATS answers "no responders")."""
+async def _assert_inbox_released(env: Env, inbox: str) -> None:
+    """The frontend routes nothing to ``inbox`` any more (its inbox mux dropped it), while the
+    mux's wildcard subscription itself stays (one per frontend, not one per request)."""
+    mux = env.frontend.inbox
+    assert inbox.startswith(mux.prefix + ".")
     for _ in range(50):
-        try:
-            await nc.request(inbox, b"", timeout=0.5)
-        except nats.errors.NoRespondersError:
-            return
-        except nats.errors.TimeoutError:
-            pass
+        if inbox not in mux:
+            break
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{inbox} still subscribed")
+    else:
+        raise AssertionError(f"{inbox} still routed")
+    assert mux.started
+    # what still arrives there is dropped, and the next request works
+    await env.router.nc.publish(inbox, b"late")
+    await env.router.nc.flush()
 
 
 async def test_client_disconnect_mid_stream_cancels(env: Env) -> None:
@@ -680,7 +685,7 @@ async def test_client_disconnect_mid_stream_cancels(env: Env) -> None:
     route = env.router.routes[-1]
     cancel = await env.router.wait_cancel(route.request_id)
     assert cancel.reason == "client"
-    await _assert_inbox_released(env.router.nc, route.reply_to)
+    await _assert_inbox_released(env, route.reply_to)
     env.router.behavior = None
     ok = await env.client.post("/v1/chat/completions", json=chat_body())
     assert ok.status == 200
@@ -791,7 +796,128 @@ async def test_token_stream_stop_cancels_with_its_reason(env: Env) -> None:
     assert not stream.finished
     cancel = await env.router.wait_cancel(stream.request_id)
     assert cancel.reason == "migrated"
-    await _assert_inbox_released(env.router.nc, env.router.routes[-1].reply_to)
+    await _assert_inbox_released(env, env.router.routes[-1].reply_to)
+
+
+async def test_one_inbox_subscription_serves_concurrent_streams(env: Env) -> None:
+    """Every request's inbox is ``<mux prefix>.<n>`` under one wildcard subscription; interleaved
+    chunks of concurrent requests reach the right stream; released inboxes are forgotten."""
+
+    async def interleaved(router: FakeRouter, route: RouteRequest) -> None:
+        chunks = router.chunks(route, router.reply_tokens(), per_chunk=1)
+        for c in chunks:  # one at a time, so the streams' chunks interleave on the wire
+            await router.send(route, [c])
+            await asyncio.sleep(0)
+
+    env.router.behavior = interleaved
+    mux = env.frontend.inbox
+    before = len(env.router.routes)
+    bodies = [chat_body(stream=i % 2 == 0) for i in range(12)]
+    resps = await asyncio.gather(*(env.client.post("/v1/chat/completions", json=b) for b in bodies))
+    for body, resp in zip(bodies, resps, strict=True):
+        assert resp.status == 200
+        if body["stream"]:
+            events = await read_sse(resp)
+            content = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        else:
+            content = (await resp.json())["choices"][0]["message"]["content"]
+        assert content == expected_text(env.tokenizer)
+    inboxes = [r.reply_to for r in env.router.routes[before:]]
+    assert len(set(inboxes)) == len(bodies)
+    assert all(i.rsplit(".", 1)[0] == mux.prefix for i in inboxes)
+    assert not [i for i in inboxes if i in mux]
+
+
+async def test_chunks_already_here_go_out_in_one_batch(env: Env) -> None:
+    """``stream_batches`` renders every chunk already received in one batch (one SSE write),
+    ending with ``[DONE]``; the SSE events are the same as one per chunk."""
+
+    async def all_at_once(router: FakeRouter, route: RouteRequest) -> None:
+        await router.send(route, router.chunks(route, router.reply_tokens(), per_chunk=1))
+
+    env.router.behavior = all_at_once
+    prepared = env.frontend.prepare("chat", json.dumps(chat_body(stream=True)).encode())
+    n_chunks = len(env.router.reply_tokens()) + 1
+    async with env.frontend.generation(prepared) as gen:
+        async with asyncio.timeout(5):
+            while len(gen.stream._queue) < n_chunks:  # noqa: ASYNC110 (every chunk here, none read)
+                await asyncio.sleep(0.01)
+        batches = [b async for b in stream_batches(gen, renderer_for("chat"))]
+    assert len(batches) == 1 and batches[0][-1] is DONE
+    chunks = [json.loads(c) for c in batches[0][:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected_text(
+        env.tokenizer
+    )
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+    # over HTTP: the same events as before, whatever the batching
+    resp = await env.client.post("/v1/chat/completions", json=chat_body(stream=True))
+    events = await read_sse(resp)
+    assert events[-1] == "[DONE]"
+    content = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert content == expected_text(env.tokenizer)
+
+
+async def test_token_stream_poll_chunk_does_not_wait(env: Env) -> None:
+    started = asyncio.Event()
+
+    async def first_then_rest(router: FakeRouter, route: RouteRequest) -> None:
+        chunks = router.chunks(route, router.reply_tokens())
+        await router.send(route, chunks[:1])
+        await started.wait()
+        await router.send(route, chunks[1:])
+
+    env.router.behavior = first_then_rest
+    stream = token_stream(env)
+    async with stream:
+        assert stream.poll_chunk() is None and not stream.ended  # nothing here yet
+        first = await stream.next_chunk()
+        assert first is not None and first.index == 0
+        assert stream.poll_chunk() is None and not stream.ended
+        started.set()
+        rest = [c for c in [await stream.next_chunk()] if c is not None]
+        while (c := stream.poll_chunk()) is not None or not stream.ended:
+            if c is None:
+                c = await stream.next_chunk()
+            if c is not None:
+                rest.append(c)
+        assert stream.ended and stream.finished
+    assert [c.index for c in [first, *rest]] == list(range(len(rest) + 1))
+    assert rest[-1].finish_reason == "stop"
+
+
+def test_prompt_encoder_matches_the_tokenizer(tokenizer: Tokenizer) -> None:
+    """Encoding piece by piece between special tokens (cached) gives exactly the tokenizer's ids."""
+    enc = PromptEncoder(tokenizer)
+    assert enc.caching  # SmolLM2: every added token matches its literal text
+    rnd = random.Random(7)
+    words = [
+        "Hello",
+        " world",
+        "\n",
+        "  ",
+        "12345",
+        " é",
+        "🚀",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    ]
+    words += ["<", "|", "im_start", "<|im_", " <|im_end|>", "\t", "The capital of France", ".", " ?!"]
+    for _ in range(500):
+        text = "".join(rnd.choice(words) for _ in range(rnd.randint(0, 40)))
+        assert enc.encode(text) == tokenizer.encode(text), text
+    system = {"role": "system", "content": "You are a helpful assistant. " * 20}
+    chat: list[dict[str, str]] = [system]
+    for turn in range(4):
+        chat.append({"role": "user", "content": f"Question {turn}: what is {turn} + {turn}? " * 5})
+        text = tokenizer.apply_chat_template(chat)
+        hits = enc.hits
+        assert enc.encode(text) == tokenizer.encode(text)
+        if turn:
+            assert enc.hits > hits  # the system prompt and earlier turns came from the cache
+        chat.append({"role": "assistant", "content": f"It is {2 * turn}."})
 
 
 FRONTEND_FLAGS = [
@@ -984,3 +1110,34 @@ async def test_process_serves_and_stops_cleanly(nats_url: str, model_dir: Path) 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_prompt_encoder_falls_back_to_the_tokenizer() -> None:
+    """Added tokens that do not match their literal text (here ``lstrip``), or a tokenizer that
+    is not a wrapped Hugging Face one: no piece cache, every call is ``tokenizer.encode``."""
+
+    @dataclass
+    class Added:
+        content: str
+        lstrip: bool = False
+        rstrip: bool = False
+        single_word: bool = False
+        normalized: bool = False
+
+    class Hf:
+        normalizer = None
+
+        def get_added_tokens_decoder(self) -> dict[int, Added]:
+            return {0: Added("<s>", lstrip=True)}
+
+    class Plain:
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [len(text)]
+
+    class Fake(Plain):
+        _tk = Hf()
+
+    for tok in (Fake(), Plain()):
+        enc = PromptEncoder(tok)  # type: ignore[arg-type]
+        assert not enc.caching
+        assert enc.encode("a <s> b") == [7]

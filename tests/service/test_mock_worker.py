@@ -30,9 +30,12 @@ from pathlib import Path
 import msgspec
 import nats.errors
 import pytest
+import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import KeyNotFoundError
 
+from tandem.engine.config import EngineConfig
+from tandem.engine.engine import RequestOutput
 from tandem.kvbm.hashing import compute_block_hashes
 from tandem.protocol import Subjects
 from tandem.protocol.messages import (
@@ -52,6 +55,7 @@ from tandem.protocol.messages import (
     decoder,
     encode,
 )
+from tandem.services.worker.engine_client import MAX_BURST_STEPS, EngineClient
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = 16
@@ -413,3 +417,80 @@ async def test_sigterm_stops_every_worker(workers: Mock, nc: NatsClient) -> None
     for iid in workers.both + workers.decode:
         with pytest.raises(KeyNotFoundError):
             await bucket.get(iid)
+
+
+# ---- the engine loop's bursts (in process, no NATS) ----------------------------------------------
+
+
+class _Loop:
+    """Records what the engine loop hands over: ``("out", request_id, tokens)`` and ``"flush"``."""
+
+    def __init__(self, client: EngineClient, *, end_on_first: bool = False) -> None:
+        self.client = client
+        self.end_on_first = end_on_first
+        self.events: list[tuple[str, str, list[int]] | str] = []
+        self.done = asyncio.Event()
+        self.seen: set[str] = set()
+
+    async def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self.events.append(("out", out.request_id, list(out.new_token_ids)))
+            if self.end_on_first and out.request_id not in self.seen:
+                self.client.end_burst()
+            self.seen.add(out.request_id)
+            if out.finish_reason is not None:
+                self.done.set()
+
+    async def on_failure(self, message: str) -> None:
+        raise AssertionError(message)
+
+    async def on_flush(self) -> None:
+        self.events.append("flush")
+
+    def outputs_per_flush(self) -> list[int]:
+        """Outputs handed over between consecutive flushes."""
+        counts, n = [], 0
+        for e in self.events:
+            if e == "flush":
+                if n:
+                    counts.append(n)
+                n = 0
+            else:
+                n += 1
+        return counts
+
+
+async def _run_engine(speedup: float, *, end_on_first: bool = False) -> _Loop:
+    """One 40-token request through a mock engine's step loop."""
+    config = EngineConfig(engine="mock", speedup_ratio=speedup, num_blocks=64, max_num_seqs=4)
+    client = EngineClient(config, lambda _events: None, structlog.get_logger("test"))
+    loop = _Loop(client, end_on_first=end_on_first)
+    await client.start()
+    client.start_loop(loop.on_outputs, loop.on_failure, loop.on_flush)
+    try:
+        await client.call(client.engine.add_request, "b1", prompt(20), seeded(40))
+        client.wake()
+        async with asyncio.timeout(30):
+            await loop.done.wait()
+    finally:
+        await client.close()
+    return loop
+
+
+async def test_engine_loop_bursts_only_without_simulated_time() -> None:
+    """No simulated time to wait out: several steps' outputs per flush (one chunk per request);
+    with the timing model on, a flush after every step, as before."""
+    fast = await _run_engine(1e6)
+    assert sum(fast.outputs_per_flush()) == 40
+    assert 1 < max(fast.outputs_per_flush()) <= MAX_BURST_STEPS
+    timed = await _run_engine(1.0)  # decode steps of >= 1 ms simulated: each one waited out
+    assert timed.outputs_per_flush() == [1] * 40
+
+
+async def test_engine_loop_end_burst_flushes_that_step() -> None:
+    """What must go out now (here: a request's first token) ends the burst after its step."""
+    loop = await _run_engine(1e6, end_on_first=True)
+    first = loop.events[0]
+    assert isinstance(first, tuple) and first[:2] == ("out", "b1") and len(first[2]) == 1
+    assert loop.events[1] == "flush"
+    assert sum(loop.outputs_per_flush()) == 40

@@ -8,9 +8,11 @@ Modules, in pipeline order
 --------------------------
 ``config.py``        :class:`FrontendConfig`: the settings; drives the CLI and the launcher
                      (importable without aiohttp, NATS or torch).
-``preprocess.py``    body → :class:`PreparedRequest`: validate, tokenize, limits, block hashes.
-``token_stream.py``  :class:`TokenStream`: inbox, ``RouteRequest``, reorder, timeout, error
-                     mapping, ``Cancel``. The seam a later ``migration.py`` wraps.
+``preprocess.py``    body → :class:`PreparedRequest`: validate, tokenize (cached per piece between
+                     special tokens), limits, block hashes.
+``token_stream.py``  :class:`TokenStream`: inbox (one wildcard subscription, ``InboxMux``),
+                     ``RouteRequest``, reorder, timeout, error mapping, ``Cancel``. The seam a
+                     later ``migration.py`` wraps.
 ``output.py``        :class:`TextOutput`: incremental detokenizer + :class:`StopStringMatcher`.
 ``generation.py``    :class:`Generation`: token stream → text, plus usage / ``tandem`` accounting.
 ``render.py``        chat vs completion renderers: response and streaming chunk JSON; :data:`DONE`.
@@ -47,7 +49,8 @@ Life cycle of one request
    (:func:`tandem.kvbm.hashing.compute_block_hashes`) with the block size the registered
    workers advertise (``InstanceInfo.block_size``; ``--default-block-size``, 16, without any;
    :meth:`Frontend.block_size` in ``service.py``).
-4. **Route** (``token_stream.py``): subscribe a fresh inbox *first*, then publish
+4. **Route** (``token_stream.py``): take a fresh inbox *first* (``_INBOX.<nuid>.<n>`` under the
+   frontend's one wildcard subscription, :class:`~.token_stream.InboxMux`), then publish
    ``RouteRequest(reply_to=inbox)`` on ``{ns}.router.generate`` with the trace context in the
    ``traceparent`` header. The message's NATS reply subject is the inbox too, so "no router
    subscribed" (NATS no-responders status) and an ``ErrorReply`` from the router's handler
@@ -55,7 +58,9 @@ Life cycle of one request
    the timeout.
 5. **Collect** (``token_stream.py``) ``TokenChunk``\\ s on the inbox. Chunk 0 may come from the
    router (first token of a disaggregated request) and the rest from the decode worker, so
-   chunks are reordered by ``index`` (duplicates and stale indices dropped). The chunk with
+   chunks are reordered by ``index`` (duplicates and stale indices dropped). A chunk carries
+   one token or several (a mock worker with no simulated time to wait sends a burst of steps'
+   tokens as one chunk). The chunk with
    ``finish_reason`` ends the stream. A chunk with ``error`` (or an ``ErrorReply``) fails the
    request with its code, type and retry hint.
 6. **Detokenize and stop** (``output.py``, driven by ``generation.py``): token ids are
@@ -69,17 +74,20 @@ Life cycle of one request
    the stream's chunks (role first for chat, the ``finish_reason`` chunk with ``tandem``, then
    the usage chunk if ``stream_options.include_usage``).
 8. **Deliver** (``http.py`` / ``nats_api.py``): one JSON body, or SSE events / NATS messages
-   ending with ``[DONE]``. An error before the first chunk gets a real HTTP status (and
-   ``Retry-After`` when hinted); after it, one ``data: {"error": ...}`` event before ``[DONE]``.
-9. **Clean up** (``token_stream.py``, always, in ``finally``): unsubscribe the inbox; if the
+   ending with ``[DONE]``. The SSE events of every chunk already received go out in one
+   write (one event per chunk; ``[DONE]`` with the last ones). An error before the first chunk
+   gets a real HTTP status (and ``Retry-After`` when hinted); after it, one
+   ``data: {"error": ...}`` event before ``[DONE]``.
+9. **Clean up** (``token_stream.py``, always, in ``finally``): release the inbox; if the
    request did not finish (client disconnected, stop string, timeout, error) publish
    ``Cancel``. No in-order progress for ``--chunk-timeout`` seconds (default 120) → 504 and
    ``Cancel(reason="timeout")``. An HTTP client that disconnects cancels the handler (aiohttp
    ``handler_cancellation``) or makes the next write fail; either way the request is cancelled
    and the inbox released.
 
-Resources and their owners: each request's inbox subscription belongs to its
-:class:`TokenStream` (closed on every exit path, through its :class:`Generation`); HTTP handler
+Resources and their owners: the wildcard inbox subscription belongs to :class:`Frontend`
+(subscribed in ``start``, unsubscribed in ``close``); each request's inbox belongs to its
+:class:`TokenStream` (released on every exit path, through its :class:`Generation`); HTTP handler
 tasks belong to aiohttp; NATS request tasks belong to the service's
 :class:`~tandem.services.runtime.TaskTracker` (drained, then cancelled, at shutdown); the
 instance registry watcher belongs to :class:`Frontend`. Tracing: one SERVER span per HTTP

@@ -26,8 +26,9 @@ class Generation:
     """Owns one routed request from the first chunk to the last piece of text.
 
     Use as ``async with Generation(...) as gen:`` then call :meth:`next_text` until it returns
-    None. Entering starts the token stream; leaving closes it (inbox released; ``Cancel`` unless
-    the pipeline finished the request).
+    None (:meth:`poll_text` takes what is already here without waiting). Entering starts the
+    token stream; leaving closes it (inbox released; ``Cancel`` unless the pipeline finished the
+    request).
     """
 
     def __init__(self, prepared: PreparedRequest, stream: TokenStream, output: TextOutput) -> None:
@@ -71,6 +72,29 @@ class Generation:
             if chunk is None:
                 self.done = True
                 break
+            text = self._consume(chunk)
+            if text:
+                return text
+        return None
+
+    def poll_text(self) -> str | None:
+        """:meth:`next_text` without waiting: the next piece of text the chunks already here make,
+        else None (:attr:`done` tells whether the request ended or more is to come).
+
+        Raises :class:`OpenAIError` as :meth:`TokenStream.next_chunk` does.
+        """
+        stream = self.stream
+        while not self.done:
+            try:
+                chunk = stream.poll_chunk()
+            except OpenAIError:
+                self.done = True
+                self.finish_reason = "error"
+                raise
+            if chunk is None:
+                if stream.ended:
+                    self.done = True
+                return None
             text = self._consume(chunk)
             if text:
                 return text

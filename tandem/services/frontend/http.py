@@ -137,27 +137,40 @@ def _generate_handler(kind: RequestKind) -> Callable[[web.Request], Awaitable[we
     return handler
 
 
+def _sse(batch: list[bytes]) -> bytes:
+    """SSE events ``data: {chunk}\\n\\n`` for every chunk of ``batch``, as one buffer."""
+    parts: list[bytes] = []
+    for data in batch:
+        parts += (b"data: ", data, b"\n\n")
+    return b"".join(parts)
+
+
 async def _stream_sse(request: web.Request, fe: Frontend, prepared: PreparedRequest) -> web.StreamResponse:
     """SSE: headers go out with the first chunk, so an error before it gets a real status.
 
-    An error after that is sent as one ``data: {"error": ...}`` event, then ``data: [DONE]``.
+    Every chunk already there goes out in one write (the last batch, ``[DONE]`` included, with
+    the end of the response). An error after the first chunk is sent as one
+    ``data: {"error": ...}`` event, then ``data: [DONE]``.
     """
     rid = prepared.request_id
     resp: web.StreamResponse | None = None
     error: OpenAIError | None = None
     try:
-        async with contextlib.aclosing(fe.stream(prepared)) as chunks:
-            async for data in chunks:
+        async with contextlib.aclosing(fe.stream_batches(prepared)) as batches:
+            async for batch in batches:
                 if resp is None:
                     resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
                     resp.headers["X-Request-Id"] = rid
                     await resp.prepare(request)
-                await resp.write(b"data: " + data + b"\n\n")
+                if batch[-1] is DONE:
+                    await resp.write_eof(_sse(batch))
+                    return resp
+                await resp.write(_sse(batch))
     except OpenAIError as e:
         error = e
     except asyncio.CancelledError:
         # aiohttp cancelled the handler (client went away): aclosing closed the generation
-        # (Cancel published, inbox unsubscribed).
+        # (Cancel published, inbox released).
         _log.info("client_disconnected", request_id=rid, how="cancelled")
         raise
     except ConnectionError:
@@ -176,10 +189,7 @@ async def _stream_sse(request: web.Request, fe: Frontend, prepared: PreparedRequ
     if resp is None:  # cannot happen: a finished stream yields at least its final chunk
         raise RuntimeError("stream ended without any chunk")
     try:
-        if error is not None:
-            await resp.write(b"data: " + error_body(error) + b"\n\n")
-        await resp.write(b"data: " + DONE + b"\n\n")
-        await resp.write_eof()
+        await resp.write_eof(_sse([error_body(error), DONE] if error is not None else [DONE]))
     except ConnectionError:
         _log.info("client_disconnected", request_id=rid, how="write_failed")
     return resp

@@ -5,12 +5,19 @@ chat messages, text or token ids for completion prompts), apply the context limi
 ``max_tokens`` defaults, build the :class:`~tandem.protocol.messages.SamplingParams` and hash
 the prompt's full blocks once. Everything here raises :class:`OpenAIError` (400/404) and
 touches neither NATS nor HTTP.
+
+Chat prompts are encoded by a :class:`PromptEncoder`: the tokenizer splits text at its special
+tokens (``<|im_start|>``, ``<|im_end|>``) and encodes the pieces between them independently, so
+the ids of each piece (a message of a conversation, a system prompt) are cached and only new
+pieces are encoded. Multi-turn conversations and shared system prompts repeat most of the text.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -28,7 +35,7 @@ from tandem.protocol.openai import (
     stop_list,
 )
 
-__all__ = ["DEFAULT_COMPLETION_MAX_TOKENS", "PreparedRequest", "Preprocessor", "RequestKind"]
+__all__ = ["DEFAULT_COMPLETION_MAX_TOKENS", "PreparedRequest", "Preprocessor", "PromptEncoder", "RequestKind"]
 
 #: OpenAI's default ``max_tokens`` for the legacy completions endpoint.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -72,6 +79,110 @@ class _Prompt:
     default_max_tokens: int | None
 
 
+class PromptEncoder:
+    """``tokenizer.encode(text)`` (no BOS/EOS added) with the ids of the pieces between special
+    tokens cached (LRU, at most ``max_entries`` pieces and ``max_chars`` characters in all).
+
+    Exact, not an approximation: a Hugging Face tokenizer first splits the text at its added
+    tokens and normalizes, pre-tokenizes and encodes every piece on its own, which is what this
+    does too. That holds when every added token matches its literal text (no ``lstrip``,
+    ``rstrip`` or ``single_word``; not normalized unless there is no normalizer) and special
+    tokens are split out (``encode_special_tokens`` off); otherwise, or for a tokenizer that is
+    not a wrapped Hugging Face one, or if a self-check at construction disagrees, it just calls
+    ``tokenizer.encode``.
+    """
+
+    #: Texts the self-check encodes both ways (added tokens next to spaces, newlines, text).
+    PROBES = (
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi  there !<|im_end|>\n",
+        " a<|im_end|> b <|im_start|>\n\n<|endoftext|>12345 x",
+        "<s> </s><unk>[INST] hi [/INST]<|eot_id|>",
+    )
+
+    def __init__(self, tokenizer: Tokenizer, *, max_entries: int = 4096, max_chars: int = 8 << 20) -> None:
+        self.tokenizer = tokenizer
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._chars = 0
+        self.hits = 0
+        self.misses = 0
+        self._added: dict[str, int] = {}
+        self._split: re.Pattern[str] | None = None
+        added = _literal_added_tokens(tokenizer)
+        if added:
+            self._added = added
+            longest_first = sorted(added, key=len, reverse=True)  # leftmost-longest, like HF
+            self._split = re.compile("(" + "|".join(re.escape(t) for t in longest_first) + ")")
+            if any(self.encode(t) != list(tokenizer.encode(t)) for t in self.PROBES):
+                self._split = None
+            self._cache.clear()
+            self._chars = 0
+
+    @property
+    def caching(self) -> bool:
+        """Whether pieces are cached (False: every call is ``tokenizer.encode``)."""
+        return self._split is not None
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of ``text`` (special tokens written in it become their ids)."""
+        split = self._split
+        if split is None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids: list[int] = []
+        for i, piece in enumerate(split.split(text)):
+            if i % 2:
+                ids.append(self._added[piece])
+            elif piece:
+                ids += self._piece(piece)
+        return ids
+
+    def _piece(self, piece: str) -> list[int]:
+        cache = self._cache
+        ids = cache.get(piece)
+        if ids is not None:
+            cache.move_to_end(piece)
+            self.hits += 1
+            return ids
+        self.misses += 1
+        ids = list(self.tokenizer.encode(piece, add_special_tokens=False))
+        if len(piece) <= self.max_chars // 4:
+            cache[piece] = ids
+            self._chars += len(piece)
+            while len(cache) > self.max_entries or self._chars > self.max_chars:
+                old, _ = cache.popitem(last=False)
+                self._chars -= len(old)
+        return ids
+
+
+def _literal_added_tokens(tokenizer: Tokenizer) -> dict[str, int]:
+    """``{text: id}`` of the added tokens if every one of them matches exactly its text, else {}."""
+    hf = getattr(tokenizer, "_tk", None)  # the wrapped tokenizers.Tokenizer
+    get = getattr(hf, "get_added_tokens_decoder", None)
+    if get is None or getattr(hf, "encode_special_tokens", False):
+        return {}
+    try:
+        decoder = get()
+        has_normalizer = getattr(hf, "normalizer", None) is not None
+        out: dict[str, int] = {}
+        for tid, tok in decoder.items():
+            text = tok.content
+            if (
+                not isinstance(text, str)
+                or not text
+                or text in out
+                or tok.lstrip
+                or tok.rstrip
+                or tok.single_word
+                or (tok.normalized and has_normalizer)
+            ):
+                return {}
+            out[text] = int(tid)
+    except Exception:
+        return {}
+    return out
+
+
 class Preprocessor:
     """Validates and tokenizes request bodies for one served model.
 
@@ -93,6 +204,7 @@ class Preprocessor:
         self._block_size = block_size
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids: frozenset[int] = frozenset([eos]) if isinstance(eos, int) else frozenset()
+        self.encoder = PromptEncoder(tokenizer)
 
     def prepare(self, kind: RequestKind, body: bytes, arrived: float | None = None) -> PreparedRequest:
         """Validate and tokenize a request body; raises :class:`OpenAIError` (400/404)."""
@@ -169,7 +281,7 @@ class Preprocessor:
             raise OpenAIError(400, f"Could not apply the chat template: {e}", param="messages") from None
         return _Prompt(
             req=req,
-            token_ids=list(self.tokenizer.encode(text, add_special_tokens=False)),
+            token_ids=self.encoder.encode(text),
             requested=req.effective_max_tokens(),
             max_tokens_param=(
                 "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

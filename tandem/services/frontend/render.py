@@ -4,11 +4,14 @@ One :class:`Renderer` per request kind (:data:`RENDERERS`): :class:`ChatRenderer
 (``chat.completion`` / ``chat.completion.chunk``) and :class:`CompletionRenderer`
 (``text_completion``). They build the JSON bytes for both transports: the HTTP layer frames a
 chunk as SSE ``data: {chunk}``, the NATS layer sends it as one message; both end a stream with
-:data:`DONE`. :func:`stream_chunks` is the streaming sequence shared by both kinds.
+:data:`DONE`. :func:`stream_batches` is the streaming sequence shared by both kinds (in batches
+of what is already there, for one write each); :func:`stream_chunks` is the same one chunk at a
+time.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 
@@ -24,6 +27,7 @@ from tandem.protocol.openai import (
     ChatDelta,
     Completion,
     CompletionChoice,
+    OpenAIError,
     TandemInfo,
     Usage,
     encode_json,
@@ -38,6 +42,7 @@ __all__ = [
     "CompletionRenderer",
     "Renderer",
     "renderer_for",
+    "stream_batches",
     "stream_chunks",
 ]
 
@@ -186,22 +191,50 @@ def renderer_for(kind: RequestKind) -> Renderer:
     return RENDERERS[kind]
 
 
-async def stream_chunks(gen: Generation, renderer: Renderer) -> AsyncGenerator[bytes, None]:
-    """A streaming response's chunk JSONs for a started ``gen`` (no SSE framing, no ``[DONE]``).
+async def stream_batches(gen: Generation, renderer: Renderer) -> AsyncGenerator[list[bytes], None]:
+    """A streaming response's chunk JSONs for a started ``gen``, in batches, ending with :data:`DONE`.
 
-    The opening chunk goes out with the first text (so an error before any text still gets a
-    real HTTP status), or before the closing chunk if there is no text at all.
+    A batch holds every chunk the token chunks already received make (at least one); it is
+    yielded when the next one would have to wait, so a transport can send it in one write. The
+    last batch ends with :data:`DONE` (the object itself). The opening chunk goes out with the
+    first text (so an error before any text still gets a real HTTP status), or before the
+    closing chunk if there is no text at all. On an error the batch gathered so far is yielded
+    first, then the :class:`~tandem.protocol.openai.OpenAIError` is raised (no ``DONE``).
     """
     p = gen.prepared
     opened = False
-    while (text := await gen.next_text()) is not None:
+    batch: list[bytes] = []
+    while True:
+        try:
+            text = gen.poll_text() if batch else await gen.next_text()
+        except OpenAIError:
+            if batch:
+                yield batch
+            raise
+        if text is None:
+            if gen.done:
+                break
+            yield batch  # the next text has to wait: send what is here
+            batch = []
+            continue
         if not opened:
             opened = True
             if (first := renderer.opening(p)) is not None:
-                yield first
-        yield renderer.delta(p, text)
+                batch.append(first)
+        batch.append(renderer.delta(p, text))
     if not opened and (first := renderer.opening(p)) is not None:
-        yield first
-    yield renderer.closing(p, gen.finish_reason, gen.tandem_info())
+        batch.append(first)
+    batch.append(renderer.closing(p, gen.finish_reason, gen.tandem_info()))
     if p.include_usage:
-        yield renderer.usage(p, gen.usage())
+        batch.append(renderer.usage(p, gen.usage()))
+    batch.append(DONE)
+    yield batch
+
+
+async def stream_chunks(gen: Generation, renderer: Renderer) -> AsyncGenerator[bytes, None]:
+    """:func:`stream_batches` one chunk JSON at a time, without :data:`DONE`."""
+    async with contextlib.aclosing(stream_batches(gen, renderer)) as batches:
+        async for batch in batches:
+            for data in batch:
+                if data is not DONE:
+                    yield data

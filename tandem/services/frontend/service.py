@@ -39,8 +39,8 @@ from tandem.services.frontend.http import create_app
 from tandem.services.frontend.nats_api import PublicNatsApi
 from tandem.services.frontend.output import TextOutput
 from tandem.services.frontend.preprocess import PreparedRequest, Preprocessor, RequestKind
-from tandem.services.frontend.render import renderer_for, stream_chunks
-from tandem.services.frontend.token_stream import TokenStream
+from tandem.services.frontend.render import renderer_for, stream_batches, stream_chunks
+from tandem.services.frontend.token_stream import InboxMux, TokenStream
 from tandem.services.runtime import (
     InstanceRegistry,
     RemoteError,
@@ -98,6 +98,8 @@ class Frontend:
             block_size=self.block_size,
         )
         self.nats_api = PublicNatsApi(self)
+        #: The inboxes of this frontend's token streams (one wildcard subscription).
+        self.inbox = InboxMux.of(nc)
 
     @property
     def registry(self) -> InstanceRegistry:
@@ -113,10 +115,12 @@ class Frontend:
 
     # -- life cycle
     async def start(self) -> None:
-        """Start discovery and serve the public NATS subjects (queue group ``frontend``)."""
+        """Start discovery, subscribe the inboxes and serve the public NATS subjects (queue group
+        ``frontend``)."""
         if self._registry is None:
             self._registry = InstanceRegistry(self.nc.jetstream(), self.subjects)
             await self._registry.start()
+        await self.inbox.start()
         await self.nats_api.start()
 
     async def stop_intake(self) -> None:
@@ -124,8 +128,10 @@ class Frontend:
         await self.nats_api.stop()
 
     async def close(self) -> None:
-        """Stop intake and, if this frontend started it, the registry watcher."""
+        """Stop intake, unsubscribe the inboxes and, if this frontend started it, the registry
+        watcher."""
         await self.stop_intake()
+        await self.inbox.stop()
         if self._owns_registry and self._registry is not None:
             await self._registry.stop()
 
@@ -194,6 +200,7 @@ class Frontend:
             block_hashes=p.block_hashes,
             sampling=p.sampling,
             chunk_timeout_s=self.config.chunk_timeout_s,
+            inbox=self.inbox,
         )
 
     def generation(self, prepared: PreparedRequest) -> Generation:
@@ -220,6 +227,16 @@ class Frontend:
         ):
             async for data in chunks:
                 yield data
+
+    async def stream_batches(self, prepared: PreparedRequest) -> AsyncGenerator[list[bytes], None]:
+        """:meth:`stream` in batches of the chunks already there, the last one ending with
+        :data:`~.render.DONE` (see :func:`~.render.stream_batches`): one write per batch."""
+        async with (
+            self.generation(prepared) as gen,
+            contextlib.aclosing(stream_batches(gen, renderer_for(prepared.kind))) as batches,
+        ):
+            async for batch in batches:
+                yield batch
 
 
 # ---- process ------------------------------------------------------------------------------------------

@@ -1,11 +1,21 @@
 """Stage 2 of the pipeline: one routed request's in-order :class:`TokenChunk` stream.
 
-:class:`TokenStream` owns the transport of one request and nothing else: it subscribes a fresh
+:class:`TokenStream` owns the transport of one request and nothing else: it takes a fresh
 inbox, publishes the ``RouteRequest`` (reply subject = the inbox), reorders the chunks that
 arrive there by ``index``, enforces the no-progress timeout, maps every failure to an
 :class:`OpenAIError` and, when it is closed before the pipeline finished the request, publishes
 ``Cancel``. It knows nothing about text, stop strings or response formats (that is
 :mod:`.output`, :mod:`.generation` and :mod:`.render`).
+
+Inboxes
+-------
+A frontend does not subscribe an inbox per request: one :class:`InboxMux` per NATS connection
+subscribes ``_INBOX.<nuid>.*`` once and hands each stream its own ``_INBOX.<nuid>.<n>``; the
+messages arriving there are appended to that stream's queue in the subscription's callback
+(nats-py's request mux, for streams). A request costs no ``SUB``/``UNSUB`` round of the
+protocol and no task per message; a stream that has chunks queued hands them out without
+waiting (:meth:`TokenStream.poll_chunk`), which lets the HTTP layer write every chunk already
+here in one go. Releasing an inbox (closing the stream) drops whatever still arrives for it.
 
 Migration seam
 --------------
@@ -29,11 +39,15 @@ tokens already generated and fresh ``block_hashes``. What this class provides fo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import time
-from typing import Any
+import weakref
+from collections import deque
+from typing import Any, ClassVar
 
 import msgspec
-import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg as NatsMsg
 from nats.aio.subscription import Subscription
@@ -43,10 +57,12 @@ from tandem.protocol.messages import Ack, Cancel, ErrorReply, RouteRequest, Samp
 from tandem.protocol.openai import OpenAIError
 from tandem.services.runtime import get_logger, inject_headers
 
-__all__ = ["MAX_PENDING_CHUNKS", "TokenStream", "error_from_reply"]
+__all__ = ["MAX_PENDING_CHUNKS", "MAX_QUEUED_MESSAGES", "InboxMux", "TokenStream", "error_from_reply"]
 
 #: Reordering buffer bound: more out-of-order chunks than this means a broken producer.
 MAX_PENDING_CHUNKS = 4096
+#: Messages queued for one stream and not read yet; beyond this the stream fails (502).
+MAX_QUEUED_MESSAGES = 65536
 
 _log = get_logger("tandem.frontend")
 _inbox_decoder = msgspec.msgpack.Decoder(TokenChunk | ErrorReply | Ack)
@@ -58,14 +74,95 @@ def error_from_reply(err: ErrorReply) -> OpenAIError:
     return OpenAIError(status, err.message, type=err.type or None, retry_after_s=err.retry_after_s)
 
 
+class InboxMux:
+    """One wildcard inbox subscription shared by every :class:`TokenStream` of a connection.
+
+    :meth:`start` subscribes ``<prefix>.*`` (``prefix`` = a fresh ``_INBOX.<nuid>``) and waits
+    until the server has it; :meth:`open` gives a stream the inbox ``<prefix>.<n>`` and routes
+    what arrives there to the stream's queue, until :meth:`release`. Messages for an inbox that
+    is not open (any more) are dropped. After a reconnect nats-py subscribes again by itself.
+    :meth:`of` is the connection's shared mux (what a :class:`TokenStream` built without one uses).
+    """
+
+    _shared: ClassVar[weakref.WeakKeyDictionary[NatsClient, InboxMux]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = weakref.ref(nc)  # weak: the shared registry is keyed by the connection
+        self.prefix = nc.new_inbox()
+        self._streams: dict[str, TokenStream] = {}
+        self._ids = itertools.count(1)
+        self._sub: Subscription | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def of(cls, nc: NatsClient) -> InboxMux:
+        """The mux shared by the streams of ``nc`` (created on first use, not started)."""
+        mux = cls._shared.get(nc)
+        if mux is None:
+            mux = cls._shared[nc] = cls(nc)
+        return mux
+
+    @property
+    def nc(self) -> NatsClient:
+        nc = self._nc()
+        if nc is None:
+            raise RuntimeError("the NATS connection of this inbox mux is gone")
+        return nc
+
+    @property
+    def started(self) -> bool:
+        return self._sub is not None
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __contains__(self, inbox: object) -> bool:
+        return inbox in self._streams
+
+    async def start(self) -> None:
+        """Subscribe the wildcard and flush (idempotent)."""
+        if self._sub is not None:
+            return
+        async with self._lock:
+            if self._sub is None:
+                sub = await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_msg)
+                await self.nc.flush(timeout=5)
+                self._sub = sub
+
+    async def stop(self) -> None:
+        """Unsubscribe (idempotent); open streams get nothing more (they time out)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def open(self, stream: TokenStream) -> str:
+        """A fresh inbox whose messages go to ``stream`` (:meth:`TokenStream._deliver`)."""
+        inbox = f"{self.prefix}.{next(self._ids)}"
+        self._streams[inbox] = stream
+        return inbox
+
+    def release(self, inbox: str) -> None:
+        """Stop routing ``inbox`` (idempotent)."""
+        self._streams.pop(inbox, None)
+
+    async def _on_msg(self, msg: NatsMsg) -> None:
+        # Runs in the subscription's task for every message: route it, nothing else.
+        stream = self._streams.get(msg.subject)
+        if stream is not None:
+            stream._deliver(msg)
+
+
 class TokenStream:
     """One attempt at running a request through the pipeline, as in-order token chunks.
 
     Use as ``async with TokenStream(...) as stream:`` (or :meth:`start` / :meth:`close`) and call
-    :meth:`next_chunk` until it returns None. Leaving the block always unsubscribes the inbox
-    and, unless the pipeline finished the request (final or error chunk), publishes ``Cancel``
-    with the reason the stream ended: ``"client"`` (default: the consumer went away),
-    ``"timeout"``, ``"error"``, or what :meth:`stop` was given.
+    :meth:`next_chunk` until it returns None (:meth:`poll_chunk` is the same without waiting).
+    Leaving the block always releases the inbox and, unless the pipeline finished the request
+    (final or error chunk), publishes ``Cancel`` with the reason the stream ended:
+    ``"client"`` (default: the consumer went away), ``"timeout"``, ``"error"``, or what
+    :meth:`stop` was given. ``inbox`` is the :class:`InboxMux` to take the inbox from (default:
+    the connection's shared one, :meth:`InboxMux.of`).
     """
 
     def __init__(
@@ -80,6 +177,7 @@ class TokenStream:
         sampling: SamplingParams,
         chunk_timeout_s: float,
         index_base: int = 0,
+        inbox: InboxMux | None = None,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
@@ -94,16 +192,27 @@ class TokenStream:
         self.finished = False
         #: Why a Cancel goes out if the stream is closed before it finished.
         self.cancel_reason = "client"
+        #: The reply subject of this attempt ('' before :meth:`start` and after :meth:`close`).
+        self.inbox = ""
+        self._mux = inbox if inbox is not None else InboxMux.of(nc)
         self._ended = False
-        self._sub: Subscription | None = None
+        self._queue: deque[NatsMsg] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._overflow = False
         self._pending: dict[int, TokenChunk] = {}
         self._next_index = 0
+        self._started = False
         self._closed = False
 
     @property
     def next_index(self) -> int:
         """The client-visible index the next chunk will get (``index_base`` + chunks handed out)."""
         return self.index_base + self._next_index
+
+    @property
+    def ended(self) -> bool:
+        """No chunk will be handed out any more (final or error chunk, failure or :meth:`stop`)."""
+        return self._ended
 
     async def __aenter__(self) -> TokenStream:
         await self.start()
@@ -113,12 +222,15 @@ class TokenStream:
         await self.close()
 
     async def start(self) -> None:
-        """Subscribe the inbox, then publish the RouteRequest (reply subject = inbox).
+        """Take an inbox, then publish the RouteRequest (reply subject = inbox).
 
         Raises :class:`OpenAIError` (503) if the publish fails.
         """
-        inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(inbox)
+        mux = self._mux
+        if not mux.started:
+            await mux.start()
+        inbox = self.inbox = mux.open(self)
+        self._started = True
         route = RouteRequest(
             request_id=self.request_id,
             model=self.model,
@@ -141,12 +253,16 @@ class TokenStream:
         self._end(reason)
 
     async def close(self) -> None:
-        """Unsubscribe the inbox; publish Cancel unless the request finished remotely. Idempotent."""
+        """Release the inbox; publish Cancel unless the request finished remotely. Idempotent."""
         if self._closed:
             return
         self._closed = True
         rid = self.request_id
-        if self._sub is not None and not self.finished:
+        if self.inbox:
+            self._mux.release(self.inbox)
+            self.inbox = ""
+        self._queue.clear()
+        if self._started and not self.finished:
             try:
                 await self.nc.publish(
                     self.subjects.cancel,
@@ -156,26 +272,31 @@ class TokenStream:
                 _log.info("request_cancelled", request_id=rid, reason=self.cancel_reason)
             except Exception as e:
                 _log.warning("cancel_publish_failed", request_id=rid, error=repr(e))
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            try:
-                await sub.unsubscribe()
-            except Exception as e:
-                _log.warning("inbox_unsubscribe_failed", request_id=rid, error=repr(e))
 
     async def next_chunk(self) -> TokenChunk | None:
         """The next chunk in index order, or None once the stream ended (after the final chunk,
         or after :meth:`stop`).
 
         Raises :class:`OpenAIError`: an error chunk or ``ErrorReply`` from the pipeline (its
-        code, type and retry hint), no router subscribed (503), too many out-of-order chunks
-        (502) and no in-order progress for ``chunk_timeout_s`` (504).
+        code, type and retry hint), no router subscribed (503), too many out-of-order or unread
+        chunks (502) and no in-order progress for ``chunk_timeout_s`` (504).
         """
         if self._ended:
             return None
-        chunk = self._pending.pop(self._next_index, None)
+        chunk = self._take()
         if chunk is None:
             chunk = await self._receive()
+        return self._hand_out(chunk)
+
+    def poll_chunk(self) -> TokenChunk | None:
+        """:meth:`next_chunk` without waiting: the next chunk if it is already here, else None
+        (also once the stream ended; :attr:`ended` tells which). Raises as :meth:`next_chunk`."""
+        if self._ended:
+            return None
+        chunk = self._take()
+        return None if chunk is None else self._hand_out(chunk)
+
+    def _hand_out(self, chunk: TokenChunk) -> TokenChunk:
         self._next_index += 1
         if chunk.error is not None or chunk.finish_reason == "error":
             self.finished = True
@@ -194,24 +315,28 @@ class TokenStream:
         self._ended = True
         self.cancel_reason = reason
 
-    async def _receive(self) -> TokenChunk:
-        """Wait for chunk ``_next_index`` (or an error chunk), buffering later ones."""
-        if self._sub is None:
+    def _deliver(self, msg: NatsMsg) -> None:
+        """The mux's callback: queue ``msg`` and wake the reader."""
+        queue = self._queue
+        if len(queue) >= MAX_QUEUED_MESSAGES:
+            self._overflow = True
+        else:
+            queue.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _take(self) -> TokenChunk | None:
+        """Chunk ``_next_index`` (or an error chunk) if it is here, buffering later ones; None
+        if it is not here yet."""
+        if not self._started:
             raise RuntimeError("TokenStream not started")
-        timeout = self.chunk_timeout_s
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._end("timeout")
-                raise OpenAIError(
-                    504, f"No tokens for request {self.request_id} within {timeout:g} s.", code="timeout"
-                )
-            try:
-                msg = await self._sub.next_msg(timeout=left)
-            except nats.errors.TimeoutError:
-                continue
-            chunk = self._decode(msg)
+        chunk = self._pending.pop(self._next_index, None)
+        if chunk is not None:
+            return chunk
+        queue = self._queue
+        while queue:
+            chunk = self._decode(queue.popleft())
             if chunk is None:
                 continue
             if chunk.error is not None or chunk.finish_reason == "error":
@@ -225,6 +350,33 @@ class TokenStream:
                 self._pending[chunk.index] = chunk
             else:
                 _log.debug("chunk_dropped", request_id=chunk.request_id, index=chunk.index)
+        if self._overflow:
+            self._end("error")
+            raise OpenAIError(502, "Too many unread token chunks.")
+        return None
+
+    async def _receive(self) -> TokenChunk:
+        """Wait for chunk ``_next_index`` (or an error chunk) for up to ``chunk_timeout_s``."""
+        timeout = self.chunk_timeout_s
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._end("timeout")
+                raise OpenAIError(
+                    504, f"No tokens for request {self.request_id} within {timeout:g} s.", code="timeout"
+                )
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(left, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            chunk = self._take()
+            if chunk is not None:
+                return chunk
 
     def _decode(self, msg: NatsMsg) -> TokenChunk | None:
         """A chunk for this request, or None for anything to skip; raises for replies that end it."""
@@ -245,3 +397,8 @@ class TokenStream:
             _log.warning("foreign_chunk", request_id=self.request_id, chunk_request_id=obj.request_id)
             return None
         return obj
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -13,8 +13,12 @@ answers ``Ack`` at once; the rest runs in a task:
   (:class:`~tandem.transfer.local.LocalTransport`) when the KV is its own (role ``both``), else
   its primary one (NIXL or simulated).
 
-The engine loop hands every output of a RUNNING request to :meth:`DecodeHandler.on_output`; the
-final chunk carries ``finish_reason`` and ``metrics`` and is followed by ``RequestFinished`` on
+The engine loop hands every output of a RUNNING request to :meth:`DecodeHandler.on_output`,
+which adds its tokens to the stream's ``unsent`` ones; :meth:`DecodeHandler.flush` (the engine
+loop's ``on_flush``: after every step it waited out, or after a burst of back-to-back mock steps)
+publishes them as one chunk per stream, so a chunk carries one step's token or, in a burst, the
+burst's tokens, with consecutive indices either way. The final chunk carries whatever was unsent
+plus the last token, ``finish_reason`` and ``metrics`` and is followed by ``RequestFinished`` on
 ``Subjects.request_finished`` (the router's load accounting).
 
 Also here: :meth:`DecodeHandler.warm_up`, the NIXL warm-up against a prefill worker as soon as
@@ -62,6 +66,8 @@ class DecodeHandler:
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
+        #: Streams with unsent tokens, in the order their first unsent token came.
+        self._unflushed: list[WorkerRequest] = []
 
     # ---- DecodeRequest ----------------------------------------------------------------------------
 
@@ -237,7 +243,8 @@ class DecodeHandler:
     # ---- outputs and chunks -----------------------------------------------------------------------
 
     async def on_output(self, entry: WorkerRequest, out: RequestOutput) -> None:
-        """Engine loop: an output of a RUNNING request → a chunk (the final one on a finish)."""
+        """Engine loop: an output of a RUNNING request → its tokens wait for :meth:`flush` (the
+        final chunk goes out at once, with them, on a finish)."""
         stream = entry.stream
         if stream is None:
             return
@@ -250,7 +257,23 @@ class DecodeHandler:
         if out.finish_reason is not None:
             await self.finish(entry, finish_reason(out.finish_reason), list(out.new_token_ids))
         elif out.new_token_ids:
-            await self._send(entry, stream, list(out.new_token_ids))
+            if not stream.unsent:
+                self._unflushed.append(entry)
+                if stream.next_index == 0:  # the first token: no waiting for a burst to end
+                    self.w.engine.end_burst()
+            stream.unsent += out.new_token_ids
+
+    async def flush(self) -> None:
+        """Publish every stream's unsent tokens as one chunk each (the engine loop's ``on_flush``)."""
+        if not self._unflushed:
+            return
+        entries, self._unflushed = self._unflushed, []
+        for entry in entries:
+            stream = entry.stream
+            if stream is None or not stream.unsent or entry.phase is not Phase.RUNNING:
+                continue
+            token_ids, stream.unsent = stream.unsent, []
+            await self._send(entry, stream, token_ids)
 
     async def _send(self, entry: WorkerRequest, stream: DecodeStream, token_ids: list[int]) -> None:
         chunk = TokenChunk(
@@ -266,22 +289,27 @@ class DecodeHandler:
         token_ids: list[int] | None = None,
         error: ErrorReply | None = None,
     ) -> None:
-        """Send the final chunk (once), then ``RequestFinished``; the entry is FINISHED."""
+        """Send the final chunk (once; with the stream's unsent tokens before ``token_ids``), then
+        ``RequestFinished``; the entry is FINISHED."""
         stream = entry.stream
         if stream is None or entry.phase is Phase.FINISHED:
             return
         entry.move(Phase.FINISHED)
         self.w.table.retire(entry)
+        unsent, stream.unsent = stream.unsent, []
+        if token_ids:
+            unsent += token_ids
         chunk = TokenChunk(
             request_id=entry.request_id,
             index=stream.next_index,
-            token_ids=token_ids or [],
+            token_ids=unsent,
             worker_id=self.w.id,
             finish_reason=reason,
             error=error,
             metrics=stream.metrics,
         )
         stream.next_index += 1
+        self.w.engine.end_burst()
         await self.w.publish(stream.reply_to, chunk)
         done = RequestFinished(request_id=entry.request_id, worker_id=self.w.id, finish_reason=reason)
         await self.w.publish(self.w.subjects.request_finished, done)

@@ -13,9 +13,19 @@ to the worker on the asyncio loop, in order.
   thread per worker and an idle worker costs nothing but one awaited ``asyncio.Event``. After a
   step the loop sleeps ``engine.last_step_simulated_s`` minus the real time the step took before
   reporting its outputs: the mock's timing is reproduced, and other workers run meanwhile.
+  A step whose simulated time already passed while it ran (a high ``--speedup-ratio``: the
+  worker is CPU-bound, not timed) does not yield: the next step runs at once, for up to
+  :data:`MAX_BURST_S` (shared by the process's CPU-bound workers: a loop cycle stays about that
+  long however many of them there are) and :data:`MAX_BURST_STEPS`, and the tokens of such a
+  burst leave as one chunk per request (``on_flush``) instead of one publish, and one socket
+  write, per step.
+  Whatever must not wait for the end of a burst (a first token, a final chunk, a prefill
+  answer) calls :meth:`EngineClient.end_burst`: the loop yields after that step.
+  The engine state for heartbeats (:attr:`EngineClient.snapshot`) is read when asked for.
 
 The step loop awaits ``step()`` while the engine has work and sleeps on an event when idle; a
-step that could run nothing (waiting for pinned or importing blocks) backs off briefly.
+step that could run nothing (waiting for pinned or importing blocks) backs off briefly. After
+the outputs of a step it waited out (or of the last step of a burst) it calls ``on_flush``.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from tandem.protocol.messages import KvEvent
 
@@ -35,12 +45,17 @@ if TYPE_CHECKING:
     from tandem.engine.engine import LLMEngine, RequestOutput
     from tandem.kvbm.manager import ManagerStats
 
-__all__ = ["STALLED_BACKOFF_S", "EngineClient", "EngineSnapshot"]
+__all__ = ["MAX_BURST_S", "MAX_BURST_STEPS", "STALLED_BACKOFF_S", "EngineClient", "EngineSnapshot"]
 
 T = TypeVar("T")
 
 #: How long the step loop waits before retrying a stalled step, unless woken earlier (s).
 STALLED_BACKOFF_S = 0.005
+#: Mock engine: the longest a burst of back-to-back steps (no simulated time left to wait out)
+#: runs before the loop yields and the burst's tokens are sent (s; divided among the process's
+#: CPU-bound workers); and the most steps in one.
+MAX_BURST_S = 0.001
+MAX_BURST_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,9 @@ class EngineClient:
         log: a structlog logger.
     """
 
+    #: The engine clients of this process whose last step was CPU-bound (share MAX_BURST_S).
+    _cpu_bound: ClassVar[set[int]] = set()
+
     def __init__(self, config: EngineConfig, on_events: Callable[[list[KvEvent]], None], log: Any) -> None:
         self.config = config
         self.mock = config.engine == "mock"
@@ -71,7 +89,8 @@ class EngineClient:
         self._executor: ThreadPoolExecutor | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.snapshot = EngineSnapshot()
+        self._end_burst = False
+        self._snapshot_value = EngineSnapshot()
 
     @property
     def engine(self) -> LLMEngine:
@@ -97,18 +116,29 @@ class EngineClient:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
             engine = await self._loop.run_in_executor(self._executor, LLMEngine, self.config)
         self._engine = engine
-        self.snapshot = await self.call(self._snapshot)
+        self._snapshot_value = await self.call(self._snapshot)
         return engine
+
+    @property
+    def snapshot(self) -> EngineSnapshot:
+        """Engine state for heartbeats: as of the last step (model engine, read without touching
+        the engine thread), or now (mock engine: it runs on this thread)."""
+        if self.mock and self._engine is not None:
+            return self._snapshot()
+        return self._snapshot_value
 
     def start_loop(
         self,
         on_outputs: Callable[[list[RequestOutput]], Awaitable[None]],
         on_failure: Callable[[str], Awaitable[None]],
+        on_flush: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Start the step loop: ``await on_outputs(outputs)`` after each step that produced
-        any; ``await on_failure(message)`` after a step raised (the loop keeps going)."""
+        any, then ``await on_flush()`` unless the step is part of a burst that goes on (mock
+        engine, see the module docstring); ``await on_failure(message)`` after a step raised
+        (the loop keeps going)."""
         self._task = asyncio.get_running_loop().create_task(
-            self._run(on_outputs, on_failure), name="engine-loop"
+            self._run(on_outputs, on_failure, on_flush), name="engine-loop"
         )
 
     async def close(self) -> None:
@@ -117,6 +147,7 @@ class EngineClient:
         if task is not None:
             task.cancel()
             await asyncio.wait([task], timeout=5.0)
+        EngineClient._cpu_bound.discard(id(self))
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
@@ -148,6 +179,10 @@ class EngineClient:
     def wake(self) -> None:
         """New work (or freed blocks): let the step loop run."""
         self._wake.set()
+
+    def end_burst(self) -> None:
+        """Something of the current step must go out now: yield (and flush) after it."""
+        self._end_burst = True
 
     async def abort(self, request_id: str) -> bool:
         """``engine.abort``; errors are logged, never raised. Wakes the step loop."""
@@ -199,8 +234,9 @@ class EngineClient:
             waiting_prefill_tokens=engine.num_waiting_prefill_tokens(),
         )
 
-    def _step_job(self) -> tuple[list[RequestOutput], bool, bool, float, EngineSnapshot]:
-        """One step: (outputs, more work, computed anything, simulated s, snapshot)."""
+    def _step_job(self) -> tuple[list[RequestOutput], bool, bool, float, EngineSnapshot | None]:
+        """One step: (outputs, more work, computed anything, simulated s, snapshot or None for
+        the mock engine, whose snapshot is taken when read)."""
         engine = self.engine
         outputs = engine.step()
         return (
@@ -208,14 +244,17 @@ class EngineClient:
             engine.has_unfinished(),
             engine.last_step_tokens > 0,
             engine.last_step_simulated_s,
-            self._snapshot(),
+            None if self.mock else self._snapshot(),
         )
 
     async def _run(
         self,
         on_outputs: Callable[[list[RequestOutput]], Awaitable[None]],
         on_failure: Callable[[str], Awaitable[None]],
+        on_flush: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        burst_t0 = budget_s = 0.0
+        burst_steps = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -225,12 +264,41 @@ class EngineClient:
             except Exception as exc:
                 self.log.exception("engine_step_failed", error=repr(exc))
                 await on_failure(f"engine step failed: {type(exc).__name__}: {exc}")
+                if on_flush is not None:
+                    await on_flush()
+                burst_steps = 0
                 continue
-            self.snapshot = snapshot
+            if snapshot is not None:
+                self._snapshot_value = snapshot
             if self.mock:
+                now = time.perf_counter()
+                wait_s = simulated_s - (now - t0)
+                cpu_bound = EngineClient._cpu_bound
+                if wait_s <= 0 and more and progressed:
+                    # CPU-bound, nothing simulated to wait out: report at once and, within the
+                    # burst's bounds and unless something must go out now, run the next step
+                    # without yielding; the burst's tokens leave together.
+                    cpu_bound.add(id(self))
+                    if burst_steps == 0:
+                        burst_t0 = t0
+                        budget_s = MAX_BURST_S / len(cpu_bound)
+                    burst_steps += 1
+                    self._end_burst = False
+                    if outputs:
+                        await on_outputs(outputs)
+                    self._wake.set()
+                    if not self._end_burst and burst_steps < MAX_BURST_STEPS and now - burst_t0 < budget_s:
+                        continue
+                    burst_steps = 0
+                    if on_flush is not None:
+                        await on_flush()
+                    await asyncio.sleep(0)  # other workers, the NATS flusher, new requests
+                    continue
+                cpu_bound.discard(id(self))
+                burst_steps = 0
                 # The simulated duration of the step (at least a yield: inline steps must not
                 # starve the other workers of this loop).
-                await asyncio.sleep(max(0.0, simulated_s - (time.perf_counter() - t0)))
+                await asyncio.sleep(max(0.0, wait_s))
             if more:
                 if not outputs and not progressed:
                     # Work exists but nothing could run (e.g. waiting for pinned or importing
@@ -240,3 +308,5 @@ class EngineClient:
                 self._wake.set()
             if outputs:
                 await on_outputs(outputs)
+            if on_flush is not None:
+                await on_flush()

@@ -80,12 +80,18 @@ class PinnedKv:
 
 @dataclass
 class DecodeStream:
-    """Where a decode request's TokenChunks go."""
+    """Where a decode request's TokenChunks go.
+
+    ``unsent``: tokens sampled but not published yet; they go out as one chunk when the engine
+    loop flushes (after every step it waits out, or at the end of a burst of steps run back to
+    back) or with the final chunk.
+    """
 
     reply_to: str
     next_index: int
     metrics: RequestMetrics
     saw_first_output: bool = False
+    unsent: list[int] = field(default_factory=list)
 
 
 @dataclass

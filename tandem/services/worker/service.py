@@ -157,7 +157,7 @@ class Worker:
             layout=layout,
         )
         self.events.start()
-        self.engine.start_loop(self._on_outputs, self._fail_all)
+        self.engine.start_loop(self._on_outputs, self._fail_all, self.decode.flush)
         self._watch_task = asyncio.get_running_loop().create_task(
             self.prefill.watch(), name=f"pinned:{self.id}"
         )
@@ -300,6 +300,7 @@ class Worker:
             try:
                 entry = self.table.get(out.request_id)
                 if entry is not None and entry.phase is Phase.PREFILLING:
+                    self.engine.end_burst()  # the prefill answer goes out from its handler task
                     if self.prefill.on_output(entry, out):
                         continue
                 elif entry is not None and entry.phase is Phase.RUNNING:
