@@ -116,6 +116,10 @@ def run_tandem(args: argparse.Namespace, mode: str, router_mode: str, out_dir: P
         str(MOCKER_MAX_NUM_SEQS),
         "--max-num-batched-tokens",
         str(MOCKER_MAX_NUM_BATCHED_TOKENS),
+        # One worker per process, as Dynamo runs one mocker per process (tandem's default hosts
+        # up to 64 mock workers in one process, i.e. on one core).
+        "--workers-per-process",
+        "1",
         "--router-mode",
         router_mode,
         "--port",
