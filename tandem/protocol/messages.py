@@ -427,4 +427,15 @@ class RequestFinished(Message, tag="request_finished"):
     finish_reason: FinishReason | None = None
 
 
-__all__ += ["RequestFinished"]
+class PrefillFinished(Message, tag="prefill_finished"):
+    """A worker finished prefilling ``request_id`` itself (aggregated / local prefill): its first
+    token is out. Published on ``Subjects.prefill_finished``; the router that dispatched the
+    request stops counting its prompt tokens as that worker's prefill load (its blocks stay
+    counted until :class:`RequestFinished`). Remote prefills need no such message: the router
+    sees their ``PrefillResult``."""
+
+    request_id: str
+    worker_id: str
+
+
+__all__ += ["PrefillFinished", "RequestFinished"]

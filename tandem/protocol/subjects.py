@@ -99,3 +99,9 @@ class Subjects:
         """RequestFinished, published by decode workers when a request's stream ends; every
         router replica subscribes (no queue group)."""
         return f"{self.ns}.router.finished"
+
+    @property
+    def prefill_finished(self) -> str:
+        """PrefillFinished, published by a worker when it finished prefilling a request itself;
+        every router replica subscribes (no queue group)."""
+        return f"{self.ns}.router.prefilled"

@@ -25,6 +25,7 @@ from tandem.protocol.messages import (
     KvTransferParams,
     OverlapQuery,
     OverlapScores,
+    PrefillFinished,
     PrefillRequest,
     PrefillResult,
     RequestFinished,
@@ -518,6 +519,23 @@ async def test_all_workers_busy_gives_503_with_retry_after(env: Env) -> None:
     await eventually(lambda: router.scheduler.active.owner("rq-big") is None)
     await env.route(20, prefix=5000)
     await eventually(lambda: len(d.decodes) == 2)
+
+
+async def test_local_prefill_finished_releases_prefill_tokens(env: Env) -> None:
+    """A worker that prefilled a request itself says so (PrefillFinished): the router stops
+    counting the prompt tokens at once (the blocks stay until RequestFinished)."""
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    router = await env.start_router()
+    await env.route(40, request_id="rq-l")
+    await eventually(lambda: len(d.decodes) == 1)
+    seqs = router.scheduler.active.get("d1")
+    assert seqs is not None and seqs.prefill_tokens == 40
+    blocks = seqs.active_blocks
+    await env.nc.publish(
+        env.subjects.prefill_finished, encode(PrefillFinished(request_id="rq-l", worker_id="d1"))
+    )
+    await eventually(lambda: seqs.prefill_tokens == 0)
+    assert seqs.active_blocks == blocks and router.scheduler.active.owner("rq-l") == "d1"
 
 
 async def test_cancel_after_hand_off_releases_tracked_load(env: Env) -> None:

@@ -84,6 +84,7 @@ from tandem.protocol.messages import (
     InstanceInfo,
     OverlapQuery,
     OverlapScores,
+    PrefillFinished,
     PrefillRequest,
     PrefillResult,
     RequestFinished,
@@ -166,6 +167,7 @@ class PrefillRouter:
         svc.readiness = self._readiness
         await svc.serve(svc.subjects.cancel, Cancel, self._on_cancel)
         await svc.serve(svc.subjects.request_finished, RequestFinished, self._on_finished)
+        await svc.serve(svc.subjects.prefill_finished, PrefillFinished, self._on_prefilled)
         await svc.serve(
             svc.subjects.router_generate, RouteRequest, self.on_route, queue=svc.subjects.ROUTER_QUEUE
         )
@@ -212,6 +214,11 @@ class PrefillRouter:
     async def _on_finished(self, msg: RequestFinished, _nmsg: NatsMsg) -> None:
         """A decode worker finished a request: stop counting it (no-op if another replica sent it)."""
         self.scheduler.active.free(msg.request_id, msg.worker_id or None)
+
+    async def _on_prefilled(self, msg: PrefillFinished, _nmsg: NatsMsg) -> None:
+        """A worker finished a local prefill: its prompt tokens leave the prefill load (no-op if
+        another replica sent the request)."""
+        self.scheduler.active.mark_prefill_done(msg.request_id)
 
     async def _on_worker_removed(self, info: InstanceInfo) -> None:
         self.scheduler.active.remove_worker(info.instance_id)

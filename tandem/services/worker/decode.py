@@ -43,6 +43,7 @@ from tandem.protocol.messages import (
     InstanceInfo,
     KvTransferParams,
     KvTransferStats,
+    PrefillFinished,
     RequestFinished,
     SamplingParams,
     TokenChunk,
@@ -254,6 +255,12 @@ class DecodeHandler:
                 stream.metrics.prefill_worker = self.w.id
                 stream.metrics.cached_tokens = int(out.num_cached_tokens or 0)
                 stream.metrics.prefill_ms = float(out.prefill_ms or 0.0)
+                # The routers stop counting its prompt tokens as our prefill load now, not at
+                # the next heartbeat (up to a second of phantom load otherwise).
+                await self.w.publish(
+                    self.w.subjects.prefill_finished,
+                    PrefillFinished(request_id=entry.request_id, worker_id=self.w.id),
+                )
         if out.finish_reason is not None:
             await self.finish(entry, finish_reason(out.finish_reason), list(out.new_token_ids))
         elif out.new_token_ids:
