@@ -18,17 +18,16 @@ launcher prints the tail of its log, stops the rest and exits non-zero.
 ``{ns}.v1.chat.completions``, print both answers and the ``tandem`` extension, stop, and exit 0
 only if both came back with non-empty content.
 
-The planning part (:func:`parse_args`, :func:`plan_processes`, :func:`stop_groups`) is pure and
-unit-tested; the rest is process plumbing.
+The planning part (:mod:`tandem.services.launch_plan`: :func:`parse_args`,
+:func:`plan_processes`, :func:`stop_groups`, re-exported here) is pure and unit-tested; this module
+is the process plumbing.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ctypes
-import dataclasses
 import json
 import os
 import re
@@ -42,299 +41,53 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TextIO, TypeVar
+from typing import Any, TextIO
 
-from tandem.config import add_arguments, from_namespace, option, to_argv
 from tandem.engine.config import EngineConfig
-from tandem.protocol.subjects import DEFAULT_NAMESPACE, Subjects
-from tandem.services.frontend.config import DEFAULT_MAX_MODEL_LEN, FrontendConfig
-from tandem.services.router.config import RouterConfig
-from tandem.services.worker.config import WorkerConfig
+from tandem.protocol.subjects import Subjects
+from tandem.services.launch_plan import (
+    DEFAULT_READY_TIMEOUT_S,
+    DEFAULT_STOP_GRACE_S,
+    MOCK_WORKERS_PER_PROCESS,
+    STOP_ORDER,
+    LaunchConfig,
+    LaunchError,
+    ProcessSpec,
+    build_parser,
+    child_env,
+    parse_args,
+    plan_processes,
+    stop_groups,
+    threads_per_worker,
+)
 
 # The served model name (``tandem.engine.weights.MODEL_NAME``; not imported to keep the launcher
 # free of torch).
 MODEL_NAME = "smollm2-135m-instruct"
-#: Mock workers one worker process hosts by default (``--workers-per-process``).
-MOCK_WORKERS_PER_PROCESS = 64
-#: Stop order: the reverse of the request path (start order is indexer, router, workers, frontend).
-STOP_ORDER = ("frontend", "router", "worker", "indexer")
-DEFAULT_READY_TIMEOUT_S = 180.0
-DEFAULT_STOP_GRACE_S = 40.0
-"""Longer than a worker's own shutdown grace (30 s for running requests / pinned KV)."""
 LOG_TAIL_LINES = 30
 
+__all__ = [
+    "DEFAULT_READY_TIMEOUT_S",
+    "DEFAULT_STOP_GRACE_S",
+    "MOCK_WORKERS_PER_PROCESS",
+    "STOP_ORDER",
+    "EngineConfig",
+    "LaunchConfig",
+    "LaunchError",
+    "ProcessSpec",
+    "build_parser",
+    "child_env",
+    "launch",
+    "main",
+    "parse_args",
+    "plan_processes",
+    "stop_groups",
+    "threads_per_worker",
+]
+
 _PR_SET_PDEATHSIG = 1
-
-
-# ---- planning (pure) ----------------------------------------------------------------------------
-
-
-def _env_default(name: str, fallback: str | None) -> str | None:
-    return os.environ.get(name) or fallback
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Everything the launcher was asked for.
-
-    The launcher's own fields are flags (:mod:`tandem.config`); the settings of the processes it
-    starts are the services' own config dataclasses, whose flags the launcher takes over
-    (:func:`build_parser`) and hands on unchanged (:func:`tandem.config.to_argv`), so no flag is
-    restated here. Raises ``ValueError`` on a bad combination.
-    """
-
-    prefill: int = option(1, help="prefill-only workers (workers; ignored with --aggregated)")
-    decode: int = option(1, help="decode workers, or role 'both' workers with --aggregated (workers)")
-    aggregated: bool = option(False, help="no disaggregation: --decode N workers of role 'both'")
-    workers_per_process: int | None = option(
-        None,
-        help="workers hosted by one worker process (mock engine only; default: 1 for the model, "
-        f"{MOCK_WORKERS_PER_PROCESS} for mock)",
-    )
-    namespace: str = option(DEFAULT_NAMESPACE, help="subject namespace (default $TANDEM_NAMESPACE)")
-    nats_url: str | None = option(
-        None, help="use this NATS server (JetStream on) instead of starting one (default $NATS_URL)"
-    )
-    nats_port: int | None = option(None, help="embedded nats-server port (default: a free one)")
-    log_level: str = option("info", help="services' log level")
-    log_dir: str | None = option(None, help="where <process>.log files go (default: a temp dir)")
-    smoke: bool = option(False, help="send one HTTP + one NATS request, then stop")
-    ready_timeout: float = option(
-        DEFAULT_READY_TIMEOUT_S, help="seconds to wait for GET /ready and every worker's registration"
-    )
-    stop_grace: float = option(
-        DEFAULT_STOP_GRACE_S,
-        help="seconds each process gets to exit after SIGTERM before SIGKILL (a second Ctrl-C skips it)",
-    )
-    engine: EngineConfig = option(default_factory=EngineConfig, cli=False, help="the workers' engine")  # noqa: RUF009
-    worker: WorkerConfig = option(default_factory=WorkerConfig, cli=False, help="the workers' service")  # noqa: RUF009
-    router: RouterConfig = option(default_factory=RouterConfig, cli=False, help="the router")  # noqa: RUF009
-    frontend: FrontendConfig = option(default_factory=FrontendConfig, cli=False, help="the frontend")  # noqa: RUF009
-
-    def __post_init__(self) -> None:
-        if self.decode < 1:
-            raise ValueError("--decode must be at least 1")
-        if not self.aggregated and self.prefill < 1:
-            raise ValueError("--prefill must be at least 1 (or use --aggregated)")
-        if self.nats_port is not None and not 0 < self.nats_port < 65536:
-            raise ValueError("--nats-port must be in 1..65535")
-        if not 0 < self.frontend.port < 65536:
-            raise ValueError("--port must be in 1..65535")
-        if self.workers_per_process is not None:
-            if self.workers_per_process < 1:
-                raise ValueError("--workers-per-process must be at least 1")
-            if self.workers_per_process > 1 and self.engine.engine != "mock":
-                raise ValueError("--workers-per-process > 1 needs --engine mock (one model per process)")
-        if not self.ready_timeout > 0:
-            raise ValueError("--ready-timeout must be positive")
-        if self.stop_grace < 0:
-            raise ValueError("--stop-grace must be >= 0")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.namespace):
-            raise ValueError("--namespace may only hold letters, digits, '-' and '_'")
-
-    # Shorthands for the settings every part of the launcher reads.
-    @property
-    def host(self) -> str:
-        """The frontend's HTTP bind address."""
-        return self.frontend.host
-
-    @property
-    def port(self) -> int:
-        """The frontend's HTTP port."""
-        return self.frontend.port
-
-    @property
-    def model_dir(self) -> str | None:
-        """The prepared model directory workers and frontend load (None: the default one)."""
-        return self.engine.model_dir
-
-    @property
-    def num_workers(self) -> int:
-        """Workers: ``decode`` in aggregated mode, else ``prefill + decode``."""
-        return self.decode if self.aggregated else self.prefill + self.decode
-
-    @property
-    def per_process(self) -> int:
-        """Workers hosted by one worker process."""
-        if self.workers_per_process is not None:
-            return self.workers_per_process
-        return MOCK_WORKERS_PER_PROCESS if self.engine.engine == "mock" else 1
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessSpec:
-    """One process to start: ``python -m tandem.services.<service> <args>``.
-
-    ``name`` is unique in a topology: the log file stem and, for a process hosting one worker,
-    its instance id. ``instance_ids`` are the workers a worker process hosts.
-    ``env`` holds variables added to the launcher's environment for this process only.
-    """
-
-    name: str
-    service: str
-    args: tuple[str, ...]
-    role: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    instance_ids: tuple[str, ...] = ()
-
-    def argv(self, python: str = sys.executable) -> list[str]:
-        """The full command line."""
-        return [python, "-m", f"tandem.services.{self.service}", *self.args]
-
-
-class LaunchError(RuntimeError):
-    """A process failed to start or the topology did not become ready."""
-
-
-def threads_per_worker(num_workers: int, cpu_count: int | None) -> int:
-    """Default torch threads per worker: the machine's cores split evenly, at least 1."""
-    cores = cpu_count or 1
-    return max(1, cores // max(1, num_workers))
-
-
-#: Fields of the services' configs the launcher sets itself (per process), not as flags.
-_WORKER_OWN = ("role", "instance_id", "num_workers")
-_FRONTEND_OWN = ("model_dir", "default_block_size", "max_model_len")
-_LAUNCHER_DEFAULTS = {"host": "127.0.0.1", "port": 8000}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The launcher's command line: its own flags, then the engine's, the workers', the
-    router's and the frontend's (each derived from that service's config dataclass)."""
-    p = argparse.ArgumentParser(
-        prog="python -m tandem.services.launcher",
-        description="Start nats-server, the KV indexer, the router, the workers and the frontend "
-        "locally, wait until ready, and serve until Ctrl-C.",
-    )
-    add_arguments(
-        p,
-        LaunchConfig,
-        defaults={
-            "namespace": _env_default("TANDEM_NAMESPACE", DEFAULT_NAMESPACE),
-            "nats_url": _env_default("NATS_URL", None),
-            "prefill": None,
-        },
-    )
-    add_arguments(p.add_argument_group("engine (every worker)"), EngineConfig)
-    add_arguments(p.add_argument_group("worker"), WorkerConfig, exclude=_WORKER_OWN)
-    add_arguments(p.add_argument_group("router"), RouterConfig)
-    add_arguments(
-        p.add_argument_group("frontend"), FrontendConfig, exclude=_FRONTEND_OWN, defaults=_LAUNCHER_DEFAULTS
-    )
-    return p
-
-
-def parse_args(argv: Sequence[str] | None = None) -> LaunchConfig:
-    """Parse and validate the command line (argparse exits with status 2 on a bad one)."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    if ns.aggregated and ns.prefill not in (None, 0):
-        parser.error("--prefill does not apply with --aggregated (use --decode N for N workers)")
-    prefill = 0 if ns.aggregated else (1 if ns.prefill is None else ns.prefill)
-    try:
-        engine = from_namespace(EngineConfig, ns)
-        return from_namespace(
-            LaunchConfig,
-            ns,
-            prefill=prefill,
-            engine=engine,
-            worker=from_namespace(WorkerConfig, ns),
-            router=from_namespace(RouterConfig, ns),
-            frontend=from_namespace(
-                FrontendConfig,
-                ns,
-                model_dir=engine.model_dir,
-                default_block_size=engine.block_size,
-                max_model_len=engine.max_model_len or DEFAULT_MAX_MODEL_LEN,
-            ),
-        )
-    except (ValueError, TypeError) as e:
-        parser.error(str(e))
-
-
-def _chunks(names: list[str], size: int) -> list[list[str]]:
-    return [names[i : i + size] for i in range(0, len(names), size)]
-
-
-def plan_processes(cfg: LaunchConfig, nats_url: str, cpu_count: int | None = None) -> list[ProcessSpec]:
-    """The tandem processes for ``cfg``, in start order (indexer, router, workers, frontend).
-
-    Workers are named (and get the instance id) ``prefill-<i>`` / ``decode-<i>``, or
-    ``worker-<i>`` (role ``both``) when aggregated. Model workers get one process each, and
-    ``cpu_count`` (default ``os.cpu_count()``) is split between them unless ``--threads`` is set.
-    Mock workers are hosted ``cfg.per_process`` to a process (``--num-workers``), which is named
-    after its first and last worker (``decode-0..63``).
-    """
-    common = ("--nats-url", nats_url, "--namespace", cfg.namespace, "--log-level", cfg.log_level)
-    specs = [ProcessSpec("indexer", "indexer", common)]
-    specs.append(ProcessSpec("router", "router", (*common, *to_argv(cfg.router))))
-    workers: list[tuple[str, list[str]]] = []
-    if cfg.aggregated:
-        workers.append(("both", [f"worker-{i}" for i in range(cfg.decode)]))
-    else:
-        workers.append(("prefill", [f"prefill-{i}" for i in range(cfg.prefill)]))
-        workers.append(("decode", [f"decode-{i}" for i in range(cfg.decode)]))
-    engine = cfg.engine
-    env: dict[str, str] = {}
-    if engine.engine == "model":
-        threads = engine.num_threads or threads_per_worker(
-            cfg.num_workers, os.cpu_count() if cpu_count is None else cpu_count
-        )
-        engine = dataclasses.replace(engine, num_threads=threads)
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    engine_args = to_argv(engine)
-    worker_args = to_argv(cfg.worker, exclude=_WORKER_OWN)
-    for role, names in workers:
-        for group in _chunks(names, cfg.per_process):
-            name = group[0] if len(group) == 1 else f"{group[0]}..{group[-1].rsplit('-', 1)[1]}"
-            hosting = ("--num-workers", str(len(group))) if len(group) > 1 else ()
-            args = (*common, "--role", role, "--instance-id", group[0], *hosting, *engine_args, *worker_args)
-            specs.append(
-                ProcessSpec(name, "worker", args, role=role, env=dict(env), instance_ids=tuple(group))
-            )
-    frontend_args = to_argv(cfg.frontend, exclude=_FRONTEND_OWN, only_changed=False)
-    frontend_args += ["--default-block-size", str(engine.block_size)]
-    if cfg.model_dir:
-        frontend_args += ["--model-dir", cfg.model_dir]
-    if engine.max_model_len:
-        frontend_args += ["--max-model-len", str(engine.max_model_len)]
-    specs.append(ProcessSpec("frontend", "frontend", (*common, *frontend_args)))
-    return specs
-
-
-class _HasService(Protocol):
-    @property
-    def service(self) -> str: ...
-
-
-_S = TypeVar("_S", bound=_HasService)
-
-
-def stop_groups(items: Sequence[_S]) -> list[list[_S]]:
-    """``items`` (process specs or started children) grouped in stop order: frontend, router,
-    workers, indexer; anything else (nats) last. Empty groups are dropped."""
-    groups = [[s for s in items if s.service == service] for service in STOP_ORDER]
-    groups.append([s for s in items if s.service not in STOP_ORDER])
-    return [g for g in groups if g]
-
-
-def child_env(spec: ProcessSpec, base: dict[str, str]) -> dict[str, str]:
-    """The environment for one child: ``base`` (OTEL_* passed through as is) plus ``spec.env``.
-
-    Variables the user set win over the launcher's thread defaults. ``service.instance.id`` is
-    added to ``OTEL_RESOURCE_ATTRIBUTES`` (unless already there) so traces tell the processes apart.
-    """
-    env = dict(base)
-    for key, value in spec.env.items():
-        env.setdefault(key, value)
-    env["PYTHONUNBUFFERED"] = "1"
-    attrs = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    if "service.instance.id=" not in attrs:
-        extra = f"service.instance.id={spec.name}"
-        env["OTEL_RESOURCE_ATTRIBUTES"] = f"{attrs},{extra}" if attrs else extra
-    return env
 
 
 # ---- user-facing text ----------------------------------------------------------------------------
