@@ -110,7 +110,6 @@ class LLMEngine:
         self.max_model_len = config.resolve_max_model_len(self.model_config)
         num_blocks = config.resolve_num_blocks(self.model_config)
         self.executor: Executor = self._build_executor(config, self.model_config, num_blocks, model)
-        self.runner = self.executor  # former name
         self.kv_cache: Any = self.executor.kv_cache
         self.block_nbytes = config.block_nbytes(self.model_config)
         self.eos_token_id = self.model_config.eos_token_id

@@ -1,7 +1,6 @@
 """ModelExecutor: owns the model and the KV cache tensor; runs one scheduled step.
 
-The real-model implementation of :class:`tandem.engine.executor.Executor` (``engine="model"``);
-``ModelRunner`` is its former name, kept as an alias.
+The real-model implementation of :class:`tandem.engine.executor.Executor` (``engine="model"``).
 
 A step is one forward pass over a *varlen* batch: the scheduled tokens of every sequence,
 flattened in :class:`~tandem.engine.scheduler.SchedulerOutput` order. Logits are computed only
@@ -128,6 +127,3 @@ class ModelExecutor:
             )
         it = iter(tokens)
         return [next(it) if item.samples else None for item in out.scheduled]
-
-
-ModelRunner = ModelExecutor  # former name

@@ -432,7 +432,7 @@ def parse(*argv: str) -> RouterConfig:
 def test_config_flags_aliases_and_round_trip() -> None:
     assert parse() == RouterConfig()
     assert parse("--overlap-weight", "2").prefill_load_scale == 2.0
-    assert parse("--kv-overlap-score-weight", "3").overlap_weight == 3.0
+    assert parse("--kv-overlap-score-weight", "3").prefill_load_scale == 3.0
     cfg = RouterConfig(
         router_mode="power-of-two",
         router_temperature=0.5,

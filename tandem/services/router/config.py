@@ -102,10 +102,5 @@ class RouterConfig:
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be > 0, got {v}")
 
-    @property
-    def overlap_weight(self) -> float:
-        """Old name of :attr:`prefill_load_scale` (``--overlap-weight``)."""
-        return self.prefill_load_scale
-
 
 __all__ = ["RouterConfig", "RouterModeName"]
