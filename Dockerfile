@@ -40,7 +40,10 @@ RUN find tandem -name '*.so' -delete \
 # tokenizer), into $TANDEM_CACHE_DIR; the services find it there.
 RUN python -m tandem.engine.weights
 
-RUN useradd --create-home --uid 10001 tandem && chown -R tandem /opt/tandem
+# /auth: where `python -m tandem.services.auth` writes the NATS config and passwords (compose's
+# nats-auth volume takes this directory's owner and mode when it is first created).
+RUN useradd --create-home --uid 10001 tandem && chown -R tandem /opt/tandem \
+ && install -d -o tandem -m 0700 /auth
 USER tandem
 
 # Each compose service picks its process: python -m tandem.services.<name> ...

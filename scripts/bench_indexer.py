@@ -141,7 +141,7 @@ def tandem_run(
     """One apply + find run on a fresh indexer with the ``impl`` radix tree."""
     ix = new_indexer(impl)
     handle = ix._apply_payload
-    subjects = [f"bench.kv_events.{w}" for w, _ in msgs]
+    subjects = [ix.svc.subjects.kv_events(w) for w, _ in msgs]
     payloads = [b for _, b in msgs]
     t0, c0 = time.perf_counter(), time.process_time()
     for subject, payload in zip(subjects, payloads, strict=True):
@@ -458,7 +458,7 @@ def main() -> int:
         for impl in impls:
             ix = new_indexer(impl)
             for w, payload in msgs:
-                ix._apply_payload(f"bench.kv_events.{w}", payload)
+                ix._apply_payload(ix.svc.subjects.kv_events(w), payload)
             out["check"][impl] = run_check(args.check, W, wl, ix.tree, seq_queries)
             if not out["check"][impl]["ok"]:
                 status = 1

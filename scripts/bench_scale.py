@@ -42,6 +42,7 @@ import psutil
 
 from tandem.protocol.messages import Health, HealthRequest, decoder, encode
 from tandem.protocol.subjects import Subjects
+from tandem.services.auth import NatsAuth, password_file
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -141,6 +142,7 @@ async def main() -> int:
         "--prefill", str(a.prefill), "--decode", str(a.decode), "--speedup-ratio", str(a.speedup),
         "--router-mode", a.router_mode, "--port", str(port), "--nats-port", str(nats_port),
         "--namespace", ns, "--log-dir", str(log_dir), "--log-level", "warning",
+        "--nats-auth-dir", str(log_dir / "auth"),
     ]  # fmt: skip
     out_path = log_dir / "launcher.out"
     out = out_path.open("w")
@@ -158,7 +160,8 @@ async def main() -> int:
         ready = re.search(r"ready in ([0-9.]+) s", out_path.read_text())
         result["ready_s"] = float(ready.group(1)) if ready else round(time.perf_counter() - t0, 1)
         sample_rss(root, peak)
-        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        login = NatsAuth.for_user("launcher", password_file(log_dir / "auth", "launcher"))  # health probes
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}", **login.connect_options())
         stop = asyncio.Event()
 
         async def sampler() -> None:

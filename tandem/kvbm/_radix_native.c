@@ -17,6 +17,9 @@
  *   the probe position (the caller passes a random one), so colliding keys cannot be chosen
  *   without knowing it.
  *
+ *   dump() / load() copy every block out of / into a table in one call, as little-endian u64
+ *   bytes (the indexer's snapshot format, tandem.protocol.messages.RadixTreeState).
+ *
  * parse(payload)
  *   A strict parser for the msgpack KvEventBatch that tandem.protocol.messages.encode writes:
  *   {kind: "kv_events", worker_id, events: [{kind: "KvEvent", event_id, data: {kind, ...}}]}
@@ -73,6 +76,21 @@ static inline uint64_t load_u64(const unsigned char *p) {
     uint64_t v;
     memcpy(&v, p, 8); /* the buffer need not be aligned */
     return v;
+}
+
+/* Little-endian u64 (dump/load: the snapshot format is little-endian on every host). */
+static inline uint64_t load_le64(const unsigned char *p) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return load_u64(p);
+#else
+    uint64_t v = 0;
+    for (int k = 7; k >= 0; k--) v = (v << 8) | p[k];
+    return v;
+#endif
+}
+
+static inline void store_le64(unsigned char *p, uint64_t v) {
+    for (int k = 0; k < 8; k++) p[k] = (unsigned char)(v >> (8 * k));
 }
 
 static inline Py_ssize_t home_of(uint64_t k, uint64_t seed, int shift) {
@@ -559,6 +577,171 @@ static PyObject *Table_items(Table *t, PyObject *Py_UNUSED(ignored)) {
     return out;
 }
 
+PyDoc_STRVAR(dump_doc,
+"dump() -> (hashes, masks, roots)\n\n"
+"Every block, as bytes of little-endian u64: hashes (one per block), masks (W words per block, in\n"
+"the same order, the sequence-start flag cleared: the slots holding it) and roots (the hashes of the\n"
+"blocks that start a sequence). load() takes them back.");
+
+static PyObject *Table_dump(Table *t, PyObject *Py_UNUSED(ignored)) {
+    int W = t->W, S = t->S;
+    Py_ssize_t n = t->used + t->zero_used, nroots = 0;
+    for (Py_ssize_t i = 0; i < t->cap; i++) {
+        const uint64_t *p = t->e + i * S;
+        if (p[0] && (p[W] & ROOTBIT)) nroots++;
+    }
+    if (t->zero_used && (t->zero[W] & ROOTBIT)) nroots++;
+    PyObject *hashes = PyBytes_FromStringAndSize(NULL, 8 * n);
+    PyObject *masks = hashes ? PyBytes_FromStringAndSize(NULL, 8 * n * W) : NULL;
+    PyObject *roots = masks ? PyBytes_FromStringAndSize(NULL, 8 * nroots) : NULL;
+    if (!roots) {
+        Py_XDECREF(hashes);
+        Py_XDECREF(masks);
+        return NULL;
+    }
+    unsigned char *h = (unsigned char *)PyBytes_AS_STRING(hashes);
+    unsigned char *m = (unsigned char *)PyBytes_AS_STRING(masks);
+    unsigned char *r = (unsigned char *)PyBytes_AS_STRING(roots);
+    for (Py_ssize_t i = -1; i < t->cap; i++) {
+        const uint64_t *p;
+        if (i < 0) {
+            if (!t->zero_used) continue;
+            p = t->zero;
+        } else {
+            p = t->e + i * S;
+            if (!p[0]) continue;
+        }
+        store_le64(h, p[0]);
+        h += 8;
+        for (int x = 0; x < W; x++, m += 8) store_le64(m, x == W - 1 ? p[1 + x] & ~ROOTBIT : p[1 + x]);
+        if (p[W] & ROOTBIT) {
+            store_le64(r, p[0]);
+            r += 8;
+        }
+    }
+    PyObject *out = PyTuple_Pack(3, hashes, masks, roots);
+    Py_DECREF(hashes);
+    Py_DECREF(masks);
+    Py_DECREF(roots);
+    return out;
+}
+
+/* Forget every block (load() failing half-way). */
+static void clear_all(Table *t) {
+    memset(t->e, 0, sizeof(uint64_t) * (size_t)t->cap * (size_t)t->S);
+    t->used = 0;
+    memset(t->zero, 0, sizeof(uint64_t) * (size_t)t->S);
+    t->zero_used = 0;
+    maybe_shrink(t);
+}
+
+PyDoc_STRVAR(load_doc,
+"load(hashes, masks, words, roots) -> counts\n\n"
+"Fill an empty table from dump()'s format: hashes and roots as little-endian u64 bytes, masks as\n"
+"`words` little-endian u64 per block (words beyond this table's must be 0). Returns the blocks each\n"
+"slot holds (a list of 64*W - 1 ints). ValueError, the table left empty, if the table holds blocks,\n"
+"a length does not fit, a mask is 0 or sets a bit past the last slot, a hash repeats or a root is\n"
+"not one of the hashes; MemoryError.");
+
+static PyObject *Table_load(Table *t, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "load() takes 4 arguments (hashes, masks, words, roots)");
+        return NULL;
+    }
+    if (t->used || t->zero_used) {
+        PyErr_SetString(PyExc_ValueError, "load() needs an empty table");
+        return NULL;
+    }
+    int overflow;
+    long words = PyLong_AsLongAndOverflow(args[2], &overflow);
+    if (words == -1 && PyErr_Occurred()) return NULL;
+    if (overflow || words < 1 || words > MAX_WORDS) {
+        PyErr_Format(PyExc_ValueError, "words must be 1..%d", MAX_WORDS);
+        return NULL;
+    }
+    Py_buffer hb, mb, rb;
+    if (PyObject_GetBuffer(args[0], &hb, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &mb, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&hb);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[3], &rb, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&hb);
+        PyBuffer_Release(&mb);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Py_ssize_t *counts = NULL;
+    const char *err = NULL;
+    Py_ssize_t n = hb.len / 8, nslots = (Py_ssize_t)64 * t->W - 1;
+    if (hb.len % 8 || rb.len % 8 || mb.len % (8 * words) || mb.len / (8 * words) != n) {
+        err = "hashes, masks or roots: lengths do not fit";
+        goto done;
+    }
+    counts = PyMem_Calloc((size_t)nslots, sizeof(Py_ssize_t));
+    if (!counts) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (reserve(t, n) < 0) goto done;
+    /* From here on no Python code runs until the table is complete (or cleared). */
+    const unsigned char *h = hb.buf, *m = mb.buf, *r = rb.buf;
+    int W = t->W;
+    for (Py_ssize_t i = 0; i < n && !err; i++) {
+        uint64_t k = load_le64(h + 8 * i);
+        if (lookup(t, k)) {
+            err = "a block hash repeats";
+            break;
+        }
+        uint64_t *p = lookup_or_insert(t, k), any = 0;
+        for (long x = 0; x < words; x++) {
+            uint64_t v = load_le64(m + 8 * (i * words + x));
+            any |= v;
+            if (x < W) p[1 + x] = v;
+            else if (v) err = "a mask sets a bit past the last slot";
+        }
+        if (!any) err = "a block is held by no slot";
+        else if (p[W] & ROOTBIT) err = "a mask sets a bit past the last slot";
+        for (int x = 0; x < W && !err; x++) {
+            uint64_t d = p[1 + x];
+            while (d) {
+                counts[(Py_ssize_t)x * 64 + CTZ64(d)]++;
+                d &= d - 1;
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < rb.len / 8 && !err; i++) {
+        uint64_t *p = lookup(t, load_le64(r + 8 * i));
+        if (!p) err = "a sequence start is not one of the blocks";
+        else p[W] |= ROOTBIT;
+    }
+    if (err) {
+        clear_all(t);
+        goto done;
+    }
+    out = PyList_New(nslots);
+    if (!out) {
+        clear_all(t);
+        goto done;
+    }
+    for (Py_ssize_t s = 0; s < nslots; s++) {
+        PyObject *v = PyLong_FromSsize_t(counts[s]);
+        if (!v) {
+            Py_CLEAR(out);
+            clear_all(t);
+            goto done;
+        }
+        PyList_SET_ITEM(out, s, v);
+    }
+done:
+    if (err) PyErr_SetString(PyExc_ValueError, err);
+    PyMem_Free(counts);
+    PyBuffer_Release(&hb);
+    PyBuffer_Release(&mb);
+    PyBuffer_Release(&rb);
+    return out;
+}
+
 PyDoc_STRVAR(widen_doc, "widen(words)\n\nUse that many mask words (>= the current number): room for 64*words - 1 slots.");
 
 static PyObject *Table_widen(Table *t, PyObject *arg) {
@@ -620,6 +803,8 @@ static PyMethodDef Table_methods[] = {
     {"set_name", (PyCFunction)(void (*)(void))Table_set_name, METH_FASTCALL, set_name_doc},
     {"find", (PyCFunction)Table_find, METH_O, find_doc},
     {"items", (PyCFunction)Table_items, METH_NOARGS, items_doc},
+    {"dump", (PyCFunction)Table_dump, METH_NOARGS, dump_doc},
+    {"load", (PyCFunction)(void (*)(void))Table_load, METH_FASTCALL, load_doc},
     {"widen", (PyCFunction)Table_widen, METH_O, widen_doc},
     {"names", (PyCFunction)Table_names, METH_NOARGS, "names() -> the worker name of each slot (None: unset)"},
     {"size", (PyCFunction)Table_size, METH_NOARGS, "size() -> blocks held by at least one slot"},

@@ -45,6 +45,13 @@ matched query block. ``KvCleared`` and ``remove_worker`` scan every block.
 Event ids: each worker's events count up from 0; ``apply`` returns an :class:`EventGap` when an id
 is not the previous one + 1 (lost events, or a restarted worker) so the indexer can log it.
 Events are applied regardless.
+
+Snapshots: ``snapshot()`` gives the whole state (blocks, worker slots and block counts, last event
+ids, counters) as a :class:`~tandem.protocol.messages.RadixTreeState`, the same format for both
+implementations; ``restore()`` rebuilds an empty tree of either implementation from it, which then
+answers and applies further events exactly as the tree it was taken from (O(blocks) both ways; the
+native tree copies the table in one C call each way). Hashes outside u64 (only from a misbehaving
+sender) are stored modulo 2**64, as the native tree keeps them anyway.
 """
 
 from __future__ import annotations
@@ -52,8 +59,10 @@ from __future__ import annotations
 import heapq
 import importlib
 import os
+import sys
 from abc import ABC, abstractmethod
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import compress, filterfalse, repeat
@@ -62,7 +71,14 @@ from types import ModuleType
 from typing import Any
 
 from tandem.kvbm._wire import FastCleared, FastKvEvent, FastRemoved, FastStored
-from tandem.protocol.messages import KvCleared, KvEvent, KvRemoved, KvStored
+from tandem.protocol.messages import (
+    KvCleared,
+    KvEvent,
+    KvRemoved,
+    KvStored,
+    RadixTreeState,
+    RadixWorkerState,
+)
 
 _native: ModuleType | None
 try:
@@ -80,6 +96,9 @@ _CLEARED = (KvCleared, FastCleared)
 _block_hash = attrgetter("block_hash")
 _NAMES_CACHE_MAX = 4096
 _U64 = (1 << 64) - 1
+#: Most mask words a snapshot may use (the native table's limit: 64 * 16384 - 1 worker slots).
+MAX_MASK_WORDS = 16384
+_MAX_SLOT = 64 * MAX_MASK_WORDS - 2
 
 # Event kinds of a parsed event (NativeRadixTree.parse / apply_parsed).
 KIND_STORED, KIND_REMOVED, KIND_CLEARED = 0, 1, 2
@@ -161,6 +180,35 @@ class BaseRadixTree(ABC):
     def sequence_starts(self) -> set[int]:
         """Blocks that start a sequence (stored with parent None); all are held (O(blocks))."""
 
+    def block_holders(self) -> dict[int, frozenset[str]]:
+        """``{sequence hash: the workers holding it}`` for every block: the tree's content whatever
+        the slots (tests comparing trees, debugging; O(blocks x workers))."""
+        names = {slot: worker for worker, slot in self._slot.items()}
+        out: dict[int, frozenset[str]] = {}
+        for h, mask in self.block_masks().items():
+            held: list[str] = []
+            m = mask
+            while m:
+                low = m & -m
+                held.append(names[low.bit_length() - 1])
+                m ^= low
+            out[h] = frozenset(held)
+        return out
+
+    # ---- snapshots -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def snapshot(self) -> RadixTreeState:
+        """The whole state (module docstring, *Snapshots*); O(blocks). The tree is unchanged."""
+
+    @abstractmethod
+    def restore(self, state: RadixTreeState) -> None:
+        """Rebuild this tree, which must be empty (no worker known), from ``state`` (of either
+        implementation). ``ValueError`` if the tree is not empty or ``state`` is inconsistent
+        (lengths, slots, a block nobody holds or held by an unknown slot, block counts that differ
+        from the masks, a sequence start that is not a block, a repeated hash): the tree is then
+        left empty. O(blocks)."""
+
     # ---- updates -------------------------------------------------------------------------------
 
     @abstractmethod
@@ -221,6 +269,59 @@ class BaseRadixTree(ABC):
         self._slot_names[slot] = None
         heapq.heappush(self._free_slots, slot)
         return slot
+
+    def _worker_states(self) -> list[RadixWorkerState]:
+        return [
+            RadixWorkerState(
+                worker_id=w, slot=slot, num_blocks=self._count[w], last_event_id=self._last_event_id.get(w)
+            )
+            for w, slot in self._slot.items()
+        ]
+
+    def _check_state(self, state: RadixTreeState) -> int:
+        """Check what :meth:`restore` can check before touching the blocks; returns the highest
+        slot (-1 without workers). ``ValueError`` if the tree is not empty or the state is off."""
+        if self._slot or self.num_blocks():
+            raise ValueError("restore() needs an empty tree")
+        if not 1 <= state.mask_words <= MAX_MASK_WORDS:
+            raise ValueError(f"mask_words {state.mask_words} is not 1..{MAX_MASK_WORDS}")
+        n, rest = divmod(len(state.hashes), 8)
+        if rest or len(state.roots) % 8 or len(state.masks) != 8 * state.mask_words * n:
+            raise ValueError("hashes, masks or roots: lengths do not fit")
+        slots = [w.slot for w in state.workers]
+        if len(set(slots)) != len(slots) or len({w.worker_id for w in state.workers}) != len(slots):
+            raise ValueError("a worker or a slot repeats")
+        if slots and not (min(slots) >= 0 and max(slots) <= min(_MAX_SLOT, 64 * state.mask_words - 1)):
+            raise ValueError("a worker slot is out of range")
+        for w in state.workers:
+            if w.num_blocks < 0 or (w.last_event_id is not None and w.last_event_id < 0):
+                raise ValueError(f"worker {w.worker_id!r}: negative block count or event id")
+        return max(slots, default=-1)
+
+    def _restore_workers(self, state: RadixTreeState, top_slot: int) -> None:
+        """Take over the workers, slots, event ids and counters of a checked ``state``."""
+        self._slot_names = [None] * (top_slot + 1)
+        for w in state.workers:
+            self._slot[w.worker_id] = w.slot
+            self._slot_names[w.slot] = w.worker_id
+            self._count[w.worker_id] = w.num_blocks
+            if w.last_event_id is not None:
+                self._last_event_id[w.worker_id] = w.last_event_id
+        self._free_slots = [slot for slot, name in enumerate(self._slot_names) if name is None]
+        heapq.heapify(self._free_slots)
+        self.gaps = state.gaps
+        self.unknown_parent_events = state.unknown_parent_events
+        self.unknown_removed_blocks = state.unknown_removed_blocks
+
+    def _check_counts(self, state: RadixTreeState, counts: Sequence[int]) -> None:
+        """``counts[slot]`` (blocks per slot, from the masks) must be each worker's block count,
+        and 0 for every other slot."""
+        want = [0] * max(len(counts), 1 + max((w.slot for w in state.workers), default=-1))
+        for w in state.workers:
+            want[w.slot] = w.num_blocks
+        have = [*counts, *([0] * (len(want) - len(counts)))]
+        if have != want:
+            raise ValueError("the block masks do not agree with the workers' block counts")
 
     def _slot_errors(self) -> list[str]:
         errors: list[str] = []
@@ -289,6 +390,60 @@ class PyRadixTree(BaseRadixTree):
 
     def sequence_starts(self) -> set[int]:
         return set(self._roots)
+
+    # ---- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self) -> RadixTreeState:
+        blocks = self._blocks
+        words = max(1, (len(self._slot_names) + 63) // 64)
+        if words == 1:
+            masks = _pack_le(blocks.values())
+        else:
+            masks = b"".join(m.to_bytes(8 * words, "little") for m in blocks.values())
+        return RadixTreeState(
+            workers=self._worker_states(),
+            mask_words=words,
+            hashes=_pack_le(blocks.keys()),
+            masks=masks,
+            roots=_pack_le(self._roots),
+            gaps=self.gaps,
+            unknown_parent_events=self.unknown_parent_events,
+            unknown_removed_blocks=self.unknown_removed_blocks,
+        )
+
+    def restore(self, state: RadixTreeState) -> None:
+        top_slot = self._check_state(state)
+        hashes = _unpack_le(state.hashes)
+        words = state.mask_words
+        if words == 1:
+            masks = _unpack_le(state.masks)
+        else:
+            mv, step = memoryview(state.masks), 8 * words
+            masks = [int.from_bytes(mv[i : i + step], "little") for i in range(0, len(mv), step)]
+        blocks = dict(zip(hashes, masks, strict=True))
+        if len(blocks) != len(hashes):
+            raise ValueError("a block hash repeats")
+        live = 0
+        for w in state.workers:
+            live |= 1 << w.slot
+        counts = [0] * (top_slot + 1)
+        for mask, n in Counter(masks).items():  # few distinct masks: count per mask, then per bit
+            if not mask or mask & ~live:
+                raise ValueError("a block is held by no slot or by an unknown one")
+            m = mask
+            while m:
+                low = m & -m
+                counts[low.bit_length() - 1] += n
+                m ^= low
+        self._check_counts(state, counts)
+        roots = set(_unpack_le(state.roots))
+        if not roots <= blocks.keys():
+            raise ValueError("a sequence start is not one of the blocks")
+        self._restore_workers(state, top_slot)
+        self._blocks = blocks
+        self._roots = roots
+        self._live = live
+        self._names.clear()
 
     def find_matches(self, block_hashes: Sequence[int]) -> dict[str, int]:
         if not block_hashes or block_hashes[0] not in self._roots:
@@ -431,6 +586,27 @@ def _pack(hashes: Iterable[int]) -> bytes:
         return array("Q", [h & _U64 for h in values]).tobytes()
 
 
+def _pack_le(hashes: Iterable[int]) -> bytes:
+    """Ints as little-endian u64 bytes (the snapshot format; outside u64: modulo 2**64)."""
+    values = list(hashes)
+    try:
+        packed = array("Q", values)
+    except OverflowError:
+        packed = array("Q", [h & _U64 for h in values])
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpack_le(data: bytes) -> list[int]:
+    """Little-endian u64 bytes as ints (length a multiple of 8)."""
+    packed = array("Q")
+    packed.frombytes(data)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tolist()
+
+
 class NativeRadixTree(BaseRadixTree):
     """The tree over the C table of ``tandem.kvbm._radix_native`` (``RuntimeError`` if it is not
     built). Worker bookkeeping stays in Python; the per-block work, the overlap walk and the
@@ -473,6 +649,33 @@ class NativeRadixTree(BaseRadixTree):
 
     def sequence_starts(self) -> set[int]:
         return {h for h, _, root in self._t.items() if root}
+
+    # ---- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self) -> RadixTreeState:
+        hashes, masks, roots = self._t.dump()
+        return RadixTreeState(
+            workers=self._worker_states(),
+            mask_words=self._t.words(),
+            hashes=hashes,
+            masks=masks,
+            roots=roots,
+            gaps=self.gaps,
+            unknown_parent_events=self.unknown_parent_events,
+            unknown_removed_blocks=self.unknown_removed_blocks,
+        )
+
+    def restore(self, state: RadixTreeState) -> None:
+        assert _native is not None  # __init__ checked
+        top_slot = self._check_state(state)
+        # A table of W words holds slots 0 .. 64 W - 2 (see _add_worker).
+        table = _native.Table(max(1, (top_slot + 65) // 64), int.from_bytes(os.urandom(8), "little"))
+        counts = table.load(state.hashes, state.masks, state.mask_words, state.roots)  # ValueError
+        self._check_counts(state, counts)
+        for w in state.workers:
+            table.set_name(w.slot, w.worker_id)
+        self._restore_workers(state, top_slot)
+        self._t = table
 
     # ---- updates -------------------------------------------------------------------------------
 
@@ -592,6 +795,7 @@ __all__ = [
     "KIND_CLEARED",
     "KIND_REMOVED",
     "KIND_STORED",
+    "MAX_MASK_WORDS",
     "NATIVE",
     "NATIVE_AVAILABLE",
     "BaseRadixTree",

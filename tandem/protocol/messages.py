@@ -206,10 +206,18 @@ class DecodeRequest(Message, tag="decode"):
 
 
 class Ack(Message, tag="ack"):
-    """A worker accepted a DecodeRequest; chunks follow on its ``reply_to``."""
+    """A component accepted a request; chunks follow on its ``reply_to``.
+
+    A decode worker answers a ``DecodeRequest`` with it (``service="worker"``). The router also
+    publishes it to the request's ``reply_to``: on receipt (``service="router"``, ``worker_id`` =
+    the router's instance id) and once a decode worker acked (``service="worker"``). The frontend
+    uses the latest one to know whose liveness to probe while the stream is silent (see
+    ``tandem.services.frontend.token_stream``).
+    """
 
     request_id: str
     worker_id: str
+    service: Literal["router", "worker"] = "worker"
 
 
 class TokenChunk(Message, tag="chunk"):
@@ -342,7 +350,10 @@ class WorkerStats(Message, tag="stats"):
 
 
 class HealthRequest(Message, tag="health_request"):
-    pass
+    """Health / liveness probe. With ``request_id`` set, the answer's ``holds`` says whether this
+    instance still holds that request (a liveness probe for one stream)."""
+
+    request_id: str = ""
 
 
 class Health(Message, tag="health"):
@@ -352,6 +363,8 @@ class Health(Message, tag="health"):
     instance_id: str
     ready: bool = True
     detail: str = ""
+    #: Answer to ``HealthRequest.request_id``: the request is still here (None: not asked).
+    holds: bool | None = None
 
 
 # ---- codec -------------------------------------------------------------------------------------
@@ -439,3 +452,61 @@ class PrefillFinished(Message, tag="prefill_finished"):
 
 
 __all__ += ["PrefillFinished", "RequestFinished"]
+
+
+# ---- KV indexer snapshots (added for issue #6, indexer restarts; owner: indexer) -----------------
+
+#: Version of :class:`IndexerSnapshot` (and the :class:`RadixTreeState` inside) this code writes
+#: and reads; a snapshot of another version is ignored (the indexer replays the stream instead).
+INDEXER_SNAPSHOT_VERSION = 1
+
+
+class RadixWorkerState(Message, tag="radix_worker"):
+    """One worker known to a radix tree: its bit position (``slot``) in the block masks, how many
+    blocks it holds (blocks) and the id of its last applied KV event (None: none applied)."""
+
+    worker_id: str
+    slot: int
+    num_blocks: int
+    last_event_id: int | None = None
+
+
+class RadixTreeState(Message, tag="radix_tree"):
+    """Everything :class:`tandem.kvbm.radix.BaseRadixTree` needs to rebuild itself, for either
+    implementation (``snapshot()`` / ``restore()``).
+
+    The tree is a flat table ``sequence hash -> workers holding the block`` (a sequence hash
+    encodes its whole prefix, so no parent links are needed): ``hashes`` holds one little-endian
+    u64 per block, ``masks`` ``mask_words`` little-endian u64 per block in the same order (worker
+    slot ``s`` is bit ``s % 64`` of word ``s // 64``), ``roots`` the little-endian u64 hashes of
+    the blocks that start a sequence (stored with parent None). The counters carry on the tree's
+    anomaly counts (events).
+    """
+
+    workers: list[RadixWorkerState]
+    mask_words: int
+    hashes: bytes
+    masks: bytes
+    roots: bytes
+    gaps: int = 0
+    unknown_parent_events: int = 0
+    unknown_removed_blocks: int = 0
+
+
+class IndexerSnapshot(Message, tag="indexer_snapshot"):
+    """The KV indexer's state after applying the KV-events stream ``stream`` up to and including
+    sequence ``stream_seq`` (and nothing after it), stored in the JetStream object store
+    ``{ns}-indexer-snapshot``. A restarting indexer restores ``tree`` and consumes the stream from
+    ``stream_seq + 1``, which gives the state of a full replay. ``events``: KV events reflected
+    (all time); ``created_at``: Unix seconds; ``indexer_id``: the writer's instance id."""
+
+    version: int
+    stream: str
+    stream_seq: int
+    created_at: float
+    indexer_id: str
+    events: int
+    tree: RadixTreeState
+
+
+__all__ += ["INDEXER_SNAPSHOT_VERSION", "IndexerSnapshot", "RadixTreeState", "RadixWorkerState"]

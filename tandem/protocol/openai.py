@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -210,7 +210,20 @@ class CompletionRequest(_SamplingFields, kw_only=True):
         return self.max_tokens
 
 
+#: Most stop strings one request may give (OpenAI's limit).
 MAX_STOP_SEQUENCES = 4
+#: Longest stop string, characters (the stop matcher's work per token grows with it).
+MAX_STOP_CHARS = 512
+#: Largest ``top_k`` (the sampler clamps to the vocabulary anyway; this keeps it an int32).
+MAX_TOP_K = 2**31 - 1
+#: ``seed`` range: a signed 64-bit integer, as OpenAI documents it.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
+#: Largest ``max_tokens`` / ``max_completion_tokens`` that validates (the context limit applies
+#: after tokenizing; this only keeps the value a signed 64-bit integer).
+MAX_TOKENS_LIMIT = 2**63 - 1
+#: Largest ``temperature`` (OpenAI's range is 0..2).
+MAX_TEMPERATURE = 2.0
 
 
 def _field_from_path(message: str) -> str | None:
@@ -220,10 +233,23 @@ def _field_from_path(message: str) -> str | None:
 
 
 def _decode(data: bytes, tp: type[Any]) -> Any:
+    """Decode ``data`` as JSON into ``tp``; every failure is a 400 :class:`OpenAIError`.
+
+    Besides msgspec's own errors this covers what a hostile body can make a decoder raise:
+    invalid UTF-8 inside a string (``UnicodeDecodeError``) and nesting deeper than the decoder's
+    recursion limit (``RecursionError``, e.g. 100k nested arrays). Both are cheap to detect:
+    msgspec stops at the first bad byte or the limit depth.
+    """
     if not data.strip():
         raise OpenAIError(400, "Request body is empty; expected a JSON object.")
     try:
         return msgspec.json.decode(data, type=tp)
+    except RecursionError:
+        raise OpenAIError(400, "Malformed JSON body: nested too deeply.", code="invalid_json") from None
+    except UnicodeDecodeError as e:
+        raise OpenAIError(
+            400, f"Malformed JSON body: not valid UTF-8 (byte {e.start}).", code="invalid_json"
+        ) from None
     except msgspec.ValidationError as e:
         text = str(e)
         param = _field_from_path(text)
@@ -238,6 +264,13 @@ def _decode(data: bytes, tp: type[Any]) -> Any:
 
 
 def _check_common(req: _SamplingFields, max_tokens: int | None, max_tokens_param: str) -> None:
+    """Range checks shared by both request kinds; raises 400 naming the offending parameter.
+
+    ``temperature`` finite in [0, 2]; ``top_p`` in (0, 1]; ``top_k`` -1 (off), 0 (off) or up to
+    :data:`MAX_TOP_K`; ``seed`` a signed 64-bit integer; ``max_tokens`` at least 1 (and a
+    64-bit integer); at most :data:`MAX_STOP_SEQUENCES` stop strings of at most
+    :data:`MAX_STOP_CHARS` characters each; ``n`` 1.
+    """
     if not req.model:
         raise OpenAIError(400, "'model' must be a non-empty string.", param="model")
     if req.n != 1:
@@ -246,22 +279,33 @@ def _check_common(req: _SamplingFields, max_tokens: int | None, max_tokens_param
         raise OpenAIError(
             400, f"'{max_tokens_param}' must be at least 1 (got {max_tokens}).", param=max_tokens_param
         )
-    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
+    if max_tokens is not None and max_tokens > MAX_TOKENS_LIMIT:
         raise OpenAIError(
-            400, f"'temperature' must be between 0 and 2 (got {req.temperature}).", param="temperature"
+            400, f"'{max_tokens_param}' must fit in a signed 64-bit integer.", param=max_tokens_param
         )
-    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+    t = req.temperature
+    if t is not None and not (math.isfinite(t) and 0.0 <= t <= MAX_TEMPERATURE):
+        raise OpenAIError(400, f"'temperature' must be between 0 and 2 (got {t}).", param="temperature")
+    if req.top_p is not None and not (math.isfinite(req.top_p) and 0.0 < req.top_p <= 1.0):
         raise OpenAIError(400, f"'top_p' must be in (0, 1] (got {req.top_p}).", param="top_p")
-    if req.top_k is not None and req.top_k < -1:
-        raise OpenAIError(400, f"'top_k' must be >= 0, or -1 to disable (got {req.top_k}).", param="top_k")
-    if req.seed is not None and not -(2**63) <= req.seed < 2**64:
-        raise OpenAIError(400, "'seed' must fit in 64 bits.", param="seed")
+    if req.top_k is not None and not -1 <= req.top_k <= MAX_TOP_K:
+        raise OpenAIError(
+            400,
+            f"'top_k' must be >= 0 (at most {MAX_TOP_K}), or -1 to disable (got {req.top_k}).",
+            param="top_k",
+        )
+    if req.seed is not None and not SEED_MIN <= req.seed <= SEED_MAX:
+        raise OpenAIError(400, "'seed' must fit in a signed 64-bit integer.", param="seed")
     stops = stop_list(req.stop)
     if len(stops) > MAX_STOP_SEQUENCES:
         raise OpenAIError(
             400,
             f"At most {MAX_STOP_SEQUENCES} stop sequences are supported (got {len(stops)}).",
             param="stop",
+        )
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise OpenAIError(
+            400, f"Stop sequences must be at most {MAX_STOP_CHARS} characters long.", param="stop"
         )
     if req.stream_options is not None and not req.stream:
         raise OpenAIError(
@@ -313,6 +357,9 @@ def decode_completion_request(data: bytes) -> CompletionRequest:
     return req
 
 
+_TokenIds = list[Annotated[int, msgspec.Meta(ge=0, lt=2**32)]]
+
+
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
     """The single prompt of a completions request: text, or token ids.
 
@@ -328,8 +375,11 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
     if isinstance(prompt, list):
         if not prompt:
             raise OpenAIError(400, "'prompt' must not be empty.", param="prompt")
-        if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
-            return list(prompt)
+        try:  # checked in C (a 4 MiB body holds ~2M ids): ints (not bools) in [0, 2**32)
+            ids: list[int] = msgspec.convert(prompt, _TokenIds)
+            return ids
+        except msgspec.ValidationError:
+            pass
         if all(isinstance(p, str | list) for p in prompt):
             raise OpenAIError(400, "Batched prompts are not supported; send one prompt.", param="prompt")
     raise OpenAIError(
@@ -490,7 +540,13 @@ def encode_json(obj: Any) -> bytes:
 
 
 __all__ = [
+    "MAX_STOP_CHARS",
     "MAX_STOP_SEQUENCES",
+    "MAX_TEMPERATURE",
+    "MAX_TOKENS_LIMIT",
+    "MAX_TOP_K",
+    "SEED_MAX",
+    "SEED_MIN",
     "AssistantMessage",
     "ChatChoice",
     "ChatChunkChoice",

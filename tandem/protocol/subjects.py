@@ -58,6 +58,11 @@ class Subjects:
         """Request/reply HealthRequest → Health; queue group = service name."""
         return f"{self.ns}.health.{service}"
 
+    def health_instance(self, service: str, instance_id: str) -> str:
+        """Request/reply HealthRequest → Health of one instance (no queue group): the frontend's
+        liveness probe of the router replica holding a request."""
+        return f"{self.ns}.health.{service}.{instance_id}"
+
     def worker_prefill(self, instance_id: str) -> str:
         return f"{self.ns}.worker.{instance_id}.prefill"
 
@@ -70,6 +75,11 @@ class Subjects:
     def worker_debug(self, instance_id: str) -> str:
         """Request/reply: WorkerStatsRequest → WorkerStats (pool integrity, RSS, counters)."""
         return f"{self.ns}.worker.{instance_id}.stats"
+
+    def worker_health(self, instance_id: str) -> str:
+        """Request/reply: HealthRequest → Health, answered on the worker's event loop (not the
+        engine thread): the liveness probe of the frontend and router while a stream is silent."""
+        return f"{self.ns}.worker.{instance_id}.health"
 
     def kv_events(self, instance_id: str) -> str:
         return f"{self.ns}.kv.events.{instance_id}"

@@ -21,7 +21,20 @@ from typing import Protocol, TypeVar
 
 from tandem.config import add_arguments, from_namespace, option, to_argv
 from tandem.engine.config import EngineConfig
-from tandem.protocol.subjects import DEFAULT_NAMESPACE
+from tandem.protocol.subjects import DEFAULT_NAMESPACE, Subjects
+from tandem.services.auth import (
+    AUTH_ENV,
+    CLIENT_USER,
+    FRONTEND_USER,
+    LAUNCHER_USER,
+    PASSWORD_ENV,
+    NatsAuth,
+    Permissions,
+    add_auth_arguments,
+    password_file,
+    permissions,
+    user_name,
+)
 from tandem.services.frontend.config import DEFAULT_MAX_MODEL_LEN, FrontendConfig
 from tandem.services.router.config import RouterConfig
 from tandem.services.worker.config import WorkerConfig
@@ -33,6 +46,16 @@ STOP_ORDER = ("frontend", "router", "worker", "indexer")
 DEFAULT_READY_TIMEOUT_S = 180.0
 DEFAULT_STOP_GRACE_S = 40.0
 """Longer than a worker's own shutdown grace (30 s for running requests / pinned KV)."""
+#: Services whose failure to *start* (exit before the topology is ready) stops everything.
+CORE_SERVICES = ("frontend", "router", "indexer")
+#: Restart back-off: the first restart waits this long, each further one in a row twice as long…
+RESTART_BACKOFF_S = 0.5
+#: … up to this.
+RESTART_BACKOFF_MAX_S = 10.0
+#: A process that ran at least this long before it exited counts as having started fine: its
+#: back-off and its count of restarts in a row start over.
+RESTART_STABLE_S = 30.0
+DEFAULT_RESTART_LIMIT = 10
 
 
 def _env_default(name: str, fallback: str | None) -> str | None:
@@ -62,6 +85,27 @@ class LaunchConfig:
         None, help="use this NATS server (JetStream on) instead of starting one (default $NATS_URL)"
     )
     nats_port: int | None = option(None, help="embedded nats-server port (default: a free one)")
+    nats_auth: bool = option(
+        True,
+        help="embedded nats-server: one user per process with a generated password and only the "
+        "subjects its role needs (docs/security.md); --no-nats-auth lets anyone connect",
+    )
+    nats_auth_dir: str | None = option(
+        None,
+        help="where the embedded server's nats.conf and <user>.password files go (made 0700, files "
+        "0600; default: a fresh private temp dir, removed at exit)",
+    )
+    nats_clients: str = option(
+        CLIENT_USER,
+        help="comma-separated users for the public NATS API, each with its own password file and "
+        "inbox prefix _INBOX.<user> (embedded server with auth)",
+    )
+    restart_limit: int = option(
+        DEFAULT_RESTART_LIMIT,
+        help="restarts in a row of a process that keeps exiting (each within "
+        f"{RESTART_STABLE_S:.0f} s of its start) before the launcher gives up and stops everything; "
+        "0: never restart, any exit stops everything",
+    )
     log_level: str = option("info", help="services' log level")
     log_dir: str | None = option(None, help="where <process>.log files go (default: a temp dir)")
     smoke: bool = option(False, help="send one HTTP + one NATS request, then stop")
@@ -76,6 +120,7 @@ class LaunchConfig:
     worker: WorkerConfig = option(default_factory=WorkerConfig, cli=False, help="the workers' service")  # noqa: RUF009
     router: RouterConfig = option(default_factory=RouterConfig, cli=False, help="the router")  # noqa: RUF009
     frontend: FrontendConfig = option(default_factory=FrontendConfig, cli=False, help="the frontend")  # noqa: RUF009
+    nats: NatsAuth = option(default_factory=NatsAuth, cli=False, help="credentials for --nats-url")  # noqa: RUF009
 
     def __post_init__(self) -> None:
         if self.decode < 1:
@@ -97,6 +142,18 @@ class LaunchConfig:
             raise ValueError("--stop-grace must be >= 0")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.namespace):
             raise ValueError("--namespace may only hold letters, digits, '-' and '_'")
+        if self.restart_limit < 0:
+            raise ValueError("--restart-limit must be >= 0")
+        if not self.nats_url and self.nats.configured:
+            raise ValueError(
+                "--nats-user, --nats-creds and --nats-tls-* are for an external server (--nats-url); "
+                "the embedded one makes its own credentials"
+            )
+        clients = self.client_users
+        if not clients or not all(re.fullmatch(r"[A-Za-z0-9_-]+", c) for c in clients):
+            raise ValueError("--nats-clients: comma-separated names of letters, digits, '-' and '_'")
+        if len(set(clients)) != len(clients) or set(clients) & set(_SERVICE_USERS):
+            raise ValueError(f"--nats-clients: duplicate names or a service's ({', '.join(_SERVICE_USERS)})")
 
     # Shorthands for the settings every part of the launcher reads.
     @property
@@ -120,6 +177,11 @@ class LaunchConfig:
         return self.decode if self.aggregated else self.prefill + self.decode
 
     @property
+    def client_users(self) -> list[str]:
+        """The client users (``--nats-clients``), in order; the first is the one ``--smoke`` uses."""
+        return [c.strip() for c in self.nats_clients.split(",") if c.strip()]
+
+    @property
     def per_process(self) -> int:
         """Workers hosted by one worker process."""
         if self.workers_per_process is not None:
@@ -134,6 +196,8 @@ class ProcessSpec:
     ``name`` is unique in a topology: the log file stem and, for a process hosting one worker,
     its instance id. ``instance_ids`` are the workers a worker process hosts.
     ``env`` holds variables added to the launcher's environment for this process only.
+    ``nats_user``: the NATS user it logs in as on the embedded server (None: no generated
+    credentials; with ``--nats-url`` it gets the launcher's ``--nats-*`` flags, if any).
     """
 
     name: str
@@ -142,6 +206,7 @@ class ProcessSpec:
     role: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     instance_ids: tuple[str, ...] = ()
+    nats_user: str | None = None
 
     def argv(self, python: str = sys.executable) -> list[str]:
         """The full command line."""
@@ -150,6 +215,16 @@ class ProcessSpec:
 
 class LaunchError(RuntimeError):
     """A process failed to start or the topology did not become ready."""
+
+
+#: NATS users of the services that are not workers (worker users are named after their process).
+_SERVICE_USERS = ("indexer", "router", FRONTEND_USER, LAUNCHER_USER)
+
+
+def restart_delay(in_a_row: int) -> float:
+    """Back-off before restarting a process that exited ``in_a_row`` times in a row (>= 1):
+    0.5 s, 1 s, 2 s, 4 s, 8 s, then 10 s."""
+    return min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** max(0, in_a_row - 1))
 
 
 def threads_per_worker(num_workers: int, cpu_count: int | None) -> int:
@@ -181,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
             "prefill": None,
         },
     )
+    add_auth_arguments(
+        p.add_argument_group("NATS credentials and TLS (with --nats-url; passed to every process)")
+    )
     add_arguments(p.add_argument_group("engine (every worker)"), EngineConfig)
     add_arguments(p.add_argument_group("worker"), WorkerConfig, exclude=_WORKER_OWN)
     add_arguments(p.add_argument_group("router"), RouterConfig)
@@ -199,7 +277,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LaunchConfig:
     prefill = 0 if ns.aggregated else (1 if ns.prefill is None else ns.prefill)
     try:
         engine = from_namespace(EngineConfig, ns)
-        return from_namespace(
+        cfg = from_namespace(
             LaunchConfig,
             ns,
             prefill=prefill,
@@ -213,7 +291,10 @@ def parse_args(argv: Sequence[str] | None = None) -> LaunchConfig:
                 default_block_size=engine.block_size,
                 max_model_len=engine.max_model_len or DEFAULT_MAX_MODEL_LEN,
             ),
+            nats=from_namespace(NatsAuth, ns),
         )
+        plan_users(cfg)  # client names must not collide with the processes' users
+        return cfg
     except (ValueError, TypeError) as e:
         parser.error(str(e))
 
@@ -222,7 +303,9 @@ def _chunks(names: list[str], size: int) -> list[list[str]]:
     return [names[i : i + size] for i in range(0, len(names), size)]
 
 
-def plan_processes(cfg: LaunchConfig, nats_url: str, cpu_count: int | None = None) -> list[ProcessSpec]:
+def plan_processes(
+    cfg: LaunchConfig, nats_url: str, cpu_count: int | None = None, auth_dir: str | None = None
+) -> list[ProcessSpec]:
     """The tandem processes for ``cfg``, in start order (indexer, router, workers, frontend).
 
     Workers are named (and get the instance id) ``prefill-<i>`` / ``decode-<i>``, or
@@ -230,8 +313,15 @@ def plan_processes(cfg: LaunchConfig, nats_url: str, cpu_count: int | None = Non
     ``cpu_count`` (default ``os.cpu_count()``) is split between them unless ``--threads`` is set.
     Mock workers are hosted ``cfg.per_process`` to a process (``--num-workers``), which is named
     after its first and last worker (``decode-0..63``).
+
+    ``auth_dir`` (the embedded server's credentials, see :func:`plan_users`): every process logs
+    in as its own user (``--nats-user <user> --nats-password-file <auth_dir>/<user>.password``).
+    Without it, the launcher's own ``--nats-*`` credential flags (if any) go to every process.
     """
-    common = ("--nats-url", nats_url, "--namespace", cfg.namespace, "--log-level", cfg.log_level)
+    common: tuple[str, ...] = ("--nats-url", nats_url, "--namespace", cfg.namespace)
+    common += ("--log-level", cfg.log_level)
+    if auth_dir is None:
+        common += tuple(to_argv(cfg.nats))
     specs = [ProcessSpec("indexer", "indexer", common)]
     specs.append(ProcessSpec("router", "router", (*common, *to_argv(cfg.router))))
     workers: list[tuple[str, list[str]]] = []
@@ -265,7 +355,34 @@ def plan_processes(cfg: LaunchConfig, nats_url: str, cpu_count: int | None = Non
     if engine.max_model_len:
         frontend_args += ["--max-model-len", str(engine.max_model_len)]
     specs.append(ProcessSpec("frontend", "frontend", (*common, *frontend_args)))
-    return specs
+    if auth_dir is None:
+        return specs
+    out = []
+    for spec in specs:
+        user = user_name(spec.name) if spec.service == "worker" else spec.service
+        login = ("--nats-user", user, "--nats-password-file", str(password_file(auth_dir, user)))
+        out.append(dataclasses.replace(spec, args=(*spec.args, *login), nats_user=user))
+    return out
+
+
+def plan_users(cfg: LaunchConfig) -> list[tuple[str, Permissions]]:
+    """The embedded server's users and their permissions (:func:`tandem.services.auth.permissions`):
+    one per process of :func:`plan_processes` (the service's name, or the worker process's name),
+    the launcher's own, and the ``--nats-clients``. Passwords are the launcher's business.
+    Raises ``ValueError`` when a client name is also a process's user."""
+    subjects = Subjects(cfg.namespace)
+    users: list[tuple[str, Permissions]] = []
+    for spec in plan_processes(cfg, "nats://-", cpu_count=1, auth_dir="-"):
+        assert spec.nats_user is not None
+        perms = permissions(spec.service, subjects, user=spec.nats_user, instance_ids=spec.instance_ids)
+        users.append((spec.nats_user, perms))
+    users.append((LAUNCHER_USER, permissions("launcher", subjects, user=LAUNCHER_USER)))
+    users += [(c, permissions("client", subjects, user=c)) for c in cfg.client_users]
+    names = [name for name, _ in users]
+    if len(set(names)) != len(names):
+        taken = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"--nats-clients: {', '.join(taken)} is already a process's NATS user")
+    return users
 
 
 class _HasService(Protocol):
@@ -289,8 +406,13 @@ def child_env(spec: ProcessSpec, base: dict[str, str]) -> dict[str, str]:
 
     Variables the user set win over the launcher's thread defaults. ``service.instance.id`` is
     added to ``OTEL_RESOURCE_ATTRIBUTES`` (unless already there) so traces tell the processes apart.
+    A process with its own NATS user (``spec.nats_user``) does not inherit ``$NATS_USER``,
+    ``$NATS_PASSWORD``, ``$NATS_CREDS`` … (its flags say who it is).
     """
     env = dict(base)
+    if spec.nats_user is not None:
+        for var in (*AUTH_ENV.values(), PASSWORD_ENV):
+            env.pop(var, None)
     for key, value in spec.env.items():
         env.setdefault(key, value)
     env["PYTHONUNBUFFERED"] = "1"

@@ -11,8 +11,28 @@ each with its output in ``<log dir>/<name>.log``. It waits until the frontend's 
 answers 200, prints how to reach the API (HTTP and NATS), and serves until Ctrl-C / SIGTERM,
 which stops everything in order (frontend → router → workers → indexer → nats): SIGTERM, a grace
 period, then SIGKILL of the process group. Children are session leaders with a parent-death
-signal, so none outlives the launcher even if it is killed. If any child exits on its own, the
-launcher prints the tail of its log, stops the rest and exits non-zero.
+signal, so none outlives the launcher even if it is killed.
+
+**Supervision** (:class:`Supervisor`). A process that exits on its own is started again, with
+the same command line, after a back-off of 0.5 s doubling to 10 s; a process that ran 30 s or
+more before it exited starts over at 0.5 s. Each exit is logged with the tail of the process's
+log, each restart with its new pid, and the log file is appended to. A worker process's
+registry entries are deleted at once, so routers stop choosing its workers while it restarts (it
+registers again when it is back); the rest of the stack keeps serving. Only two things are
+fatal: the frontend, the router, the indexer or nats-server exiting before the topology is ready
+(failing to *start*: a bad flag, a port in use — restarting would not help), and a process
+exiting more than ``--restart-limit`` times in a row (each within 30 s of its start). After
+ready, those are restarted like workers (the embedded nats-server on the same port, store and
+config: the services reconnect by themselves).
+
+**NATS security** (:mod:`tandem.services.auth`, ``docs/security.md``). The embedded nats-server
+listens on 127.0.0.1 only and, unless ``--no-nats-auth``, runs with a config the launcher writes
+(``--nats-auth-dir``, default a private temp dir): one user per process with a random password
+and only the subjects its role needs, a ``launcher`` user for itself, and the ``--nats-clients``
+users (default ``client``) for the public API; anonymous clients are refused. Each process gets
+``--nats-user`` / ``--nats-password-file``. Before starting any service the launcher creates the
+KV-events stream and the instances bucket itself. With ``--nats-url`` the launcher's own
+``--nats-user`` / ``--nats-creds`` / ``--nats-tls-*`` flags go to every process.
 
 ``--smoke``: once ready, send one chat request over HTTP and one over the public NATS subject
 ``{ns}.v1.chat.completions``, print both answers and the ``tandem`` extension, stop, and exit 0
@@ -40,17 +60,28 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from tandem.engine.config import EngineConfig
 from tandem.protocol.subjects import Subjects
+from tandem.services.auth import (
+    LAUNCHER_USER,
+    NatsAuth,
+    NatsUser,
+    inbox_prefix,
+    new_password,
+    password_file,
+    write_credentials,
+)
 from tandem.services.launch_plan import (
+    CORE_SERVICES,
     DEFAULT_READY_TIMEOUT_S,
     DEFAULT_STOP_GRACE_S,
     MOCK_WORKERS_PER_PROCESS,
+    RESTART_STABLE_S,
     STOP_ORDER,
     LaunchConfig,
     LaunchError,
@@ -59,6 +90,8 @@ from tandem.services.launch_plan import (
     child_env,
     parse_args,
     plan_processes,
+    plan_users,
+    restart_delay,
     stop_groups,
     threads_per_worker,
 )
@@ -77,12 +110,15 @@ __all__ = [
     "LaunchConfig",
     "LaunchError",
     "ProcessSpec",
+    "Supervisor",
     "build_parser",
     "child_env",
     "launch",
     "main",
     "parse_args",
     "plan_processes",
+    "plan_users",
+    "restart_delay",
     "stop_groups",
     "threads_per_worker",
 ]
@@ -101,8 +137,22 @@ def http_base_url(cfg: LaunchConfig) -> str:
     return f"http://{host}:{cfg.port}"
 
 
-def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path) -> str:
-    """What to paste to try the running topology (HTTP curl and a NATS request in Python)."""
+def _connect_args(nats_url: str, client: NatsAuth | None) -> str:
+    """The arguments of ``nats.connect(...)`` in the usage snippet (the client's login)."""
+    if client is None or not client.nats_user:
+        return repr(nats_url)
+    return (
+        f"{nats_url!r}, user={client.nats_user!r},\n"
+        f"        password=open({client.nats_password_file!r}).read().strip(),\n"
+        f"        inbox_prefix={inbox_prefix(client.nats_user)!r}"
+    )
+
+
+def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path, client: NatsAuth | None = None) -> str:
+    """What to paste to try the running topology (HTTP curl and a NATS request in Python).
+
+    ``client``: the credential to show for NATS (the embedded server's first client user).
+    """
     subjects = Subjects(cfg.namespace)
     base = http_base_url(cfg)
     body = json.dumps(
@@ -115,7 +165,7 @@ def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path) -> str:
     nats_snippet = (
         "import asyncio, json, nats\n"
         "async def main():\n"
-        f"    nc = await nats.connect({nats_url!r})\n"
+        f"    nc = await nats.connect({_connect_args(nats_url, client)})\n"
         f"    body = {{'model': {MODEL_NAME!r}, 'max_tokens': 32,\n"
         "            'messages': [{'role': 'user', 'content': 'What is the capital of France?'}]}\n"
         f"    msg = await nc.request({subjects.chat_completions!r}, json.dumps(body).encode(), timeout=120)\n"
@@ -129,6 +179,14 @@ def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path) -> str:
             f"tandem is ready  (namespace {cfg.namespace!r}, logs in {log_dir})",
             f"  HTTP (OpenAI API): {base}/v1",
             f"  NATS:              {nats_url}   subjects {subjects.chat_completions}, {subjects.completions}",
+            *(
+                [
+                    f"{'':21}user {client.nats_user!r}, password in {client.nats_password_file}, "
+                    f"inbox prefix {inbox_prefix(client.nats_user)} (only its own inboxes)"
+                ]
+                if client is not None and client.nats_user
+                else []
+            ),
             "",
             "Try it over HTTP:",
             f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
@@ -194,10 +252,13 @@ class Child:
         return self.proc.poll() is None
 
 
-def spawn(name: str, service: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Child:
-    """Start ``argv`` in its own session with stdout+stderr going to ``<log_dir>/<name>.log``."""
+def spawn(
+    name: str, service: str, argv: list[str], env: dict[str, str], log_dir: Path, *, append: bool = False
+) -> Child:
+    """Start ``argv`` in its own session with stdout+stderr going to ``<log_dir>/<name>.log``
+    (appended to with ``append``: a restart)."""
     log_path = log_dir / f"{name}.log"
-    log_file = log_path.open("w", encoding="utf-8")
+    log_file = log_path.open("a" if append else "w", encoding="utf-8")
     try:
         proc = subprocess.Popen(
             argv,
@@ -254,15 +315,28 @@ def _nats_port_from_log(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def nats_argv(store_dir: str, port: int | None, config: Path | None = None) -> list[str]:
+    """The embedded nats-server's command line: JetStream (store in ``store_dir``), listening on
+    127.0.0.1 only, ``port`` (None: a free one), users and permissions from ``config``."""
+    argv = [nats_server_binary()]
+    if config is not None:
+        argv += ["-c", str(config)]
+    return [*argv, "-a", "127.0.0.1", "-p", str(port or -1), "-js", "-sd", store_dir]
+
+
 async def start_nats(
-    log_dir: Path, store_dir: str, port: int | None = None, timeout_s: float = 15.0
+    log_dir: Path,
+    store_dir: str,
+    port: int | None = None,
+    timeout_s: float = 15.0,
+    config: Path | None = None,
 ) -> tuple[Child, str]:
     """Start an embedded nats-server with JetStream (store in ``store_dir``) on 127.0.0.1.
 
-    ``port`` None picks a free one. Returns the process and its ``nats://`` URL.
+    ``port`` None picks a free one. ``config``: a config file (the users and permissions of
+    :func:`tandem.services.auth.write_credentials`). Returns the process and its ``nats://`` URL.
     """
-    store = store_dir
-    argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port or -1), "-js", "-sd", store]
+    argv = nats_argv(store_dir, port, config)
     child = spawn("nats", "nats", argv, dict(os.environ), log_dir)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -316,6 +390,238 @@ async def wait_ready(url: str, children: Sequence[Child], timeout_s: float, stop
     return False
 
 
+# ---- supervision ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Supervised:
+    """A process the :class:`Supervisor` keeps running, and its restart bookkeeping."""
+
+    spec: ProcessSpec
+    env: dict[str, str]
+    argv: list[str]
+    child: Child
+    started_at: float
+    #: Exits in a row, each within ``RESTART_STABLE_S`` of its start (sets the back-off).
+    in_a_row: int = 0
+    restarts: int = 0
+    restart_at: float | None = None
+    #: What runs after an exit before the restart may happen (e.g. registry cleanup).
+    cleanup: asyncio.Future[None] | None = None
+
+
+ExitHook = Callable[[ProcessSpec], Awaitable[None]]
+
+
+class Supervisor:
+    """Keeps the tandem processes running (see the module docstring for the policy).
+
+    :meth:`poll` looks at every process once: it schedules the restart of one that exited
+    (``restart_delay`` of its exits in a row) and starts those whose time has come. A fatal
+    exit (a core service before :attr:`ready`, or more than ``restart_limit`` exits in a row)
+    sets :attr:`error` and :attr:`failed`; nothing is restarted after that. ``on_exit(spec)``
+    runs after each non-fatal exit, before the restart (the launcher deletes a worker's registry
+    entries there). :meth:`run` polls until cancelled or failed.
+    """
+
+    def __init__(
+        self,
+        log_dir: Path,
+        restart_limit: int,
+        *,
+        on_exit: ExitHook | None = None,
+        stable_s: float = RESTART_STABLE_S,
+        fatal_before_ready: Sequence[str] = (*CORE_SERVICES, "nats"),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log_dir = log_dir
+        self.restart_limit = restart_limit
+        self.on_exit = on_exit
+        self.fatal_before_ready = tuple(fatal_before_ready)
+        self.stable_s = stable_s
+        self.clock = clock
+        self.entries: list[Supervised] = []
+        #: Set once the topology is ready: from then on core services are restarted too.
+        self.ready = False
+        self.error: LaunchError | None = None
+        self.failed = asyncio.Event()
+
+    @property
+    def children(self) -> list[Child]:
+        """The current process of every supervised entry (alive or not)."""
+        return [e.child for e in self.entries]
+
+    def start(self, spec: ProcessSpec, env: dict[str, str]) -> Child:
+        """Start ``spec`` (first time) and supervise it."""
+        argv = spec.argv()
+        child = spawn(spec.name, spec.service, argv, env, self.log_dir)
+        self.entries.append(Supervised(spec, env, argv, child, self.clock()))
+        return child
+
+    def adopt(self, child: Child, argv: list[str], env: dict[str, str]) -> None:
+        """Supervise a process started elsewhere (nats-server); a restart runs ``argv``."""
+        spec = ProcessSpec(child.name, child.service, ())
+        self.entries.append(Supervised(spec, env, argv, child, self.clock()))
+
+    def restarts(self, name: str) -> int:
+        """How often the process called ``name`` was restarted."""
+        return sum(e.restarts for e in self.entries if e.spec.name == name)
+
+    def _fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = LaunchError(message)
+            self.failed.set()
+
+    def poll(self) -> None:
+        """Handle exits and due restarts (never blocks)."""
+        if self.error is not None:
+            return
+        now = self.clock()
+        for e in self.entries:
+            if e.restart_at is not None:
+                if now >= e.restart_at and (e.cleanup is None or e.cleanup.done()):
+                    self._restart(e, now)
+            elif not e.child.alive():
+                self._exited(e, now)
+            if self.error is not None:
+                return
+
+    def _exited(self, e: Supervised, now: float) -> None:
+        child, name = e.child, e.spec.name
+        ran_s = now - e.started_at
+        with contextlib.suppress(OSError):
+            child.log_file.close()
+        if e.spec.service in self.fatal_before_ready and not self.ready:
+            self._fail(f"{_died_message(child)}\n{name} failed to start: stopping")
+            return
+        if ran_s >= self.stable_s:
+            e.in_a_row = 0
+        e.in_a_row += 1
+        if e.in_a_row > self.restart_limit:
+            why = (
+                "--restart-limit 0: no restarts"
+                if self.restart_limit == 0
+                else f"it exited {e.in_a_row} times in a row, each within {self.stable_s:.0f} s of its start"
+            )
+            self._fail(f"{_died_message(child)}\ngiving up on {name} ({why}): stopping")
+            return
+        delay = restart_delay(e.in_a_row)
+        e.restart_at = now + delay
+        print(
+            f"launcher: {name} (pid {child.pid}) exited with status {child.proc.returncode} after "
+            f"{ran_s:.1f} s; restarting it in {delay:.1f} s (restart {e.restarts + 1}, "
+            f"{e.in_a_row} of at most {self.restart_limit} in a row); last lines of "
+            f"{child.log_path}:\n{tail(child.log_path, 10)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.on_exit is not None:
+            e.cleanup = asyncio.ensure_future(self.on_exit(e.spec))
+
+    def _restart(self, e: Supervised, now: float) -> None:
+        old = e.child.pid
+        try:
+            with e.child.log_path.open("a", encoding="utf-8") as f:
+                f.write(
+                    f"\n---- launcher: restart {e.restarts + 1} of {e.spec.name} (pid {old} exited) ----\n"
+                )
+            e.child = spawn(e.spec.name, e.spec.service, e.argv, e.env, self.log_dir, append=True)
+        except (LaunchError, OSError) as exc:
+            self._fail(f"cannot restart {e.spec.name}: {exc}")
+            return
+        e.restarts += 1
+        e.started_at = now
+        e.restart_at = None
+        e.cleanup = None
+        print(
+            f"launcher: restarted {e.spec.name} (pid {old} -> {e.child.pid}, restart {e.restarts})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def run(self, interval_s: float = 0.2) -> None:
+        """Poll every ``interval_s`` until cancelled or failed."""
+        while self.error is None:
+            self.poll()
+            await asyncio.sleep(interval_s)
+
+    def cancel_cleanups(self) -> None:
+        """Cancel exit hooks still running (the launcher is stopping)."""
+        for e in self.entries:
+            if e.cleanup is not None and not e.cleanup.done():
+                e.cleanup.cancel()
+
+
+def _login(auth: NatsAuth | None) -> dict[str, Any]:
+    return auth.connect_options() if auth is not None else {}
+
+
+async def forget_workers(
+    nats_url: str,
+    namespace: str,
+    instance_ids: Sequence[str],
+    auth: NatsAuth | None = None,
+    timeout_s: float = 3.0,
+) -> None:
+    """Delete ``instance_ids``' entries from the instances bucket (a worker process died: routers
+    stop choosing its workers now, not after the entries' TTL). Failures are printed, not raised."""
+    import nats
+
+    if not instance_ids:
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            nc = await nats.connect(
+                nats_url, name="tandem-launcher", allow_reconnect=False, connect_timeout=2, **_login(auth)
+            )
+            try:
+                kv = await nc.jetstream().key_value(Subjects(namespace).instances_bucket)
+                for iid in instance_ids:
+                    await kv.delete(iid)
+            finally:
+                await nc.close()
+    except Exception as e:  # nats raises several unrelated types; the TTL expires them anyway
+        print(
+            f"launcher: could not remove {', '.join(instance_ids)} from the registry: {e!r}", file=sys.stderr
+        )
+
+
+async def prepare_jetstream(nats_url: str, namespace: str, auth: NatsAuth | None = None) -> None:
+    """Create the KV-events stream and the instances bucket before any service starts, so
+    their configuration is the launcher's (a service may create them too, but only when
+    missing, and only with these names). Raises :class:`LaunchError` on failure."""
+    import nats
+
+    from tandem.services.runtime import ensure_jetstream
+
+    try:
+        async with asyncio.timeout(15.0):
+            nc = await nats.connect(nats_url, name="tandem-launcher", allow_reconnect=False, **_login(auth))
+            try:
+                await ensure_jetstream(nc.jetstream(), Subjects(namespace))
+            finally:
+                await nc.close()
+    except Exception as e:
+        raise LaunchError(f"cannot set up JetStream at {nats_url}: {e!r}") from e
+
+
+async def _until(coro: Awaitable[bool], *events: asyncio.Event) -> bool | None:
+    """``await coro``, unless one of ``events`` is set first (then None; ``coro`` is cancelled)."""
+    task = asyncio.ensure_future(coro)
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
 # ---- smoke ---------------------------------------------------------------------------------------
 
 SMOKE_PROMPTS = (
@@ -331,7 +637,12 @@ SMOKE_PROMPTS = (
 
 
 async def wait_workers(
-    nats_url: str, namespace: str, instance_ids: Sequence[str], timeout_s: float, stop: asyncio.Event
+    nats_url: str,
+    namespace: str,
+    instance_ids: Sequence[str],
+    timeout_s: float,
+    stop: asyncio.Event,
+    auth: NatsAuth | None = None,
 ) -> bool:
     """Wait until every worker in ``instance_ids`` is in the instances bucket.
 
@@ -344,7 +655,7 @@ async def wait_workers(
     from tandem.services.runtime import InstanceRegistry
 
     want = set(instance_ids)
-    nc = await nats.connect(nats_url, name="tandem-launcher")
+    nc = await nats.connect(nats_url, name="tandem-launcher", **_login(auth))
     registry = InstanceRegistry(nc.jetstream(), Subjects(namespace))
     try:
         await registry.start()
@@ -413,8 +724,8 @@ def describe_extension(ext: Any) -> str:
     return ", ".join(parts)
 
 
-async def run_smoke(cfg: LaunchConfig, nats_url: str) -> bool:
-    """One chat request over HTTP, one over NATS; True iff both answered with content."""
+async def run_smoke(cfg: LaunchConfig, nats_url: str, client: NatsAuth | None = None) -> bool:
+    """One chat request over HTTP, one over NATS (as ``client``); True iff both answered with content."""
     import aiohttp
     import nats
 
@@ -440,7 +751,7 @@ async def run_smoke(cfg: LaunchConfig, nats_url: str) -> bool:
     subject = Subjects(cfg.namespace).chat_completions
     reply = {}
     try:
-        nc = await nats.connect(nats_url, name="tandem-launcher-smoke")
+        nc = await nats.connect(nats_url, name="tandem-launcher-smoke", **_login(client))
         try:
             msg = await nc.request(subject, json.dumps(smoke_body(SMOKE_PROMPTS[1])).encode(), timeout=300)
             reply = json.loads(msg.data)
@@ -480,55 +791,106 @@ async def launch(cfg: LaunchConfig) -> int:
 
     nats_child: Child | None = None
     nats_store: str | None = None
-    children: list[Child] = []
+    auth_dir: Path | None = None
+    remove_auth_dir = False
+    # The launcher's own login and the one --smoke and the usage text use (external server: the
+    # --nats-* flags, if any).
+    own_auth: NatsAuth | None = cfg.nats if cfg.nats.configured else None
+    client_auth = own_auth
+
+    async def on_exit(spec: ProcessSpec) -> None:
+        if spec.instance_ids:
+            await forget_workers(nats_url, cfg.namespace, spec.instance_ids, own_auth)
+
+    sup = Supervisor(log_dir, cfg.restart_limit, on_exit=on_exit)
+    sup_task: asyncio.Task[None] | None = None
+    nats_url = ""
     status = 0
     try:
         if cfg.nats_url:
             nats_url = cfg.nats_url
             print(f"launcher: using NATS at {nats_url}", file=sys.stderr)
         else:
+            config: Path | None = None
+            if cfg.nats_auth:
+                if cfg.nats_auth_dir:
+                    auth_dir = Path(cfg.nats_auth_dir)
+                else:
+                    auth_dir = Path(tempfile.mkdtemp(prefix="tandem-auth-"))
+                    remove_auth_dir = True
+                users = [NatsUser(name, new_password(), perms) for name, perms in plan_users(cfg)]
+                config = write_credentials(
+                    auth_dir, users, header=f"tandem namespace {cfg.namespace!r}: written by the launcher"
+                )
+                own_auth = NatsAuth.for_user(LAUNCHER_USER, password_file(auth_dir, LAUNCHER_USER))
+                client = cfg.client_users[0]
+                client_auth = NatsAuth.for_user(client, password_file(auth_dir, client))
             nats_store = tempfile.mkdtemp(prefix="tandem-nats-")
-            nats_child, nats_url = await start_nats(log_dir, nats_store, cfg.nats_port)
-            print(f"launcher: nats-server (JetStream) at {nats_url}", file=sys.stderr)
-        specs = plan_processes(cfg, nats_url)
+            nats_child, nats_url = await start_nats(log_dir, nats_store, cfg.nats_port, config=config)
+            # A restart reuses the port (clients reconnect to the same URL), store and config.
+            port = nats_url.rsplit(":", 1)[1]
+            sup.adopt(nats_child, nats_argv(nats_store, int(port), config), dict(os.environ))
+            how = f"users and permissions in {config}" if config else "no authentication (--no-nats-auth)"
+            print(
+                f"launcher: nats-server (JetStream) at {nats_url}, pid {nats_child.pid}, {how}",
+                file=sys.stderr,
+            )
+        try:
+            await prepare_jetstream(nats_url, cfg.namespace, own_auth)
+        except LaunchError as e:
+            if nats_child is not None:
+                raise
+            print(f"launcher: {e} (the services will try)", file=sys.stderr)
+        specs = plan_processes(cfg, nats_url, auth_dir=str(auth_dir) if auth_dir else None)
         base_env = dict(os.environ)
         for spec in specs:
-            children.append(spawn(spec.name, spec.service, spec.argv(), child_env(spec, base_env), log_dir))
-            print(f"launcher: started {spec.name} (pid {children[-1].pid})", file=sys.stderr)
-        watched = [*children, *([nats_child] if nats_child else [])]
+            child = sup.start(spec, child_env(spec, base_env))
+            print(f"launcher: started {spec.name} (pid {child.pid})", file=sys.stderr)
+        sup_task = asyncio.create_task(sup.run(), name="supervisor")
+        # Before ready, a core service or nats exiting is fatal (wait_ready reports it with its
+        # log); workers are restarted by the supervisor meanwhile.
+        fatal = [c for c in sup.children if c.service in sup.fatal_before_ready]
         ready_url = f"{http_base_url(cfg)}/ready"
         t0 = time.monotonic()
-        if not await wait_ready(ready_url, watched, cfg.ready_timeout, stop):
+        ok = await _until(wait_ready(ready_url, fatal, cfg.ready_timeout, stop), sup.failed)
+        if sup.error is not None:
+            raise sup.error
+        if not ok:
             print("launcher: interrupted before ready", file=sys.stderr)
             return 130
         ids = [i for spec in specs for i in spec.instance_ids]
         left = max(1.0, cfg.ready_timeout - (time.monotonic() - t0))
-        if not await wait_workers(nats_url, cfg.namespace, ids, left, stop):
+        ok = await _until(wait_workers(nats_url, cfg.namespace, ids, left, stop, own_auth), sup.failed)
+        if sup.error is not None:
+            raise sup.error
+        if not ok:
             print("launcher: interrupted before ready", file=sys.stderr)
             return 130
+        sup.ready = True
         print(f"launcher: ready in {time.monotonic() - t0:.1f} s ({len(ids)} workers)", file=sys.stderr)
-        print(usage_text(cfg, nats_url, log_dir), flush=True)
+        print(usage_text(cfg, nats_url, log_dir, client_auth if auth_dir else None), flush=True)
         if cfg.smoke:
-            return 0 if await run_smoke(cfg, nats_url) else 1
-        while not stop.is_set():
-            dead = _dead_child(watched)
-            if dead is not None:
-                print(f"launcher: {_died_message(dead)}", file=sys.stderr)
-                status = 1
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+            return 0 if await run_smoke(cfg, nats_url, client_auth) else 1
+        await _until(stop.wait(), sup.failed)
+        if sup.error is not None:
+            print(f"launcher: {sup.error}", file=sys.stderr)
+            status = 1
         return status
     except LaunchError as e:
         print(f"launcher: {e}", file=sys.stderr)
         return 1
     finally:
         print("launcher: stopping", file=sys.stderr)
-        await stop_children(
-            stop_groups([*children, *([nats_child] if nats_child else [])]), cfg.stop_grace, hurry
-        )
+        if sup_task is not None:
+            sup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sup_task
+        sup.cancel_cleanups()
+        await stop_children(stop_groups(sup.children), cfg.stop_grace, hurry)
         if nats_store is not None:
             shutil.rmtree(nats_store, ignore_errors=True)
+        if remove_auth_dir and auth_dir is not None:
+            shutil.rmtree(auth_dir, ignore_errors=True)
         print(f"launcher: stopped (logs in {log_dir})", file=sys.stderr)
 
 

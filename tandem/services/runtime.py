@@ -59,6 +59,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tandem.protocol import DEFAULT_NAMESPACE, Subjects
 from tandem.protocol.messages import ErrorReply, Health, HealthRequest, InstanceInfo, Message, encode
+from tandem.services.auth import NatsAuth, add_auth_arguments, redact_url
 
 __all__ = [
     "DEFAULT_NATS_URL",
@@ -285,19 +286,31 @@ def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
 # ---- connection -------------------------------------------------------------------------------------
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 10.0) -> NatsClient:
-    """Connect to NATS as client ``name``.
+async def connect(
+    url: str, name: str, *, connect_timeout: float = 10.0, auth: NatsAuth | None = None
+) -> NatsClient:
+    """Connect to NATS as client ``name``, with ``auth``'s credentials and TLS when given.
 
     Retries the initial connection for up to ``connect_timeout`` seconds (the server may still be
-    starting), then raises ``ConnectionError``. Once connected, reconnects forever (every 0.5 s);
-    connection events are logged.
+    starting), then raises ``ConnectionError`` (naming the last error, e.g. an authorization
+    violation). Once connected, reconnects forever (every 0.5 s); connection events are logged,
+    and a permission violation (the server refused a publish or subscribe) as an error.
     """
-    log = _log.bind(nats_url=url, client=name)
+    log = _log.bind(nats_url=redact_url(url), client=name)
+    options = auth.connect_options() if auth is not None else {}
+    holder: list[NatsClient] = []
+    #: The error to report if the first connection never succeeds: a refused login wins over
+    #: what later attempts see (the server resets those connections).
+    first_error: list[Exception] = []
 
     async def on_error(e: Exception) -> None:
-        log.warning("nats_error", error=repr(e))
-
-    holder: list[NatsClient] = []
+        refused = bool(first_error) and "authorization violation" in str(first_error[0]).lower()
+        if not holder and not refused:
+            first_error[:] = [e]
+        if "permissions violation" in str(e).lower():
+            log.error("nats_permission_denied", error=str(e), user=options.get("user"))
+        else:
+            log.warning("nats_error", error=repr(e))
 
     async def on_disconnected() -> None:
         closing = bool(holder) and (holder[0].is_closed or holder[0].is_draining)
@@ -323,9 +336,13 @@ async def connect(url: str, name: str, *, connect_timeout: float = 10.0) -> Nats
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
+                **options,
             )
     except TimeoutError:
-        raise ConnectionError(f"could not connect to NATS at {url} within {connect_timeout} s") from None
+        why = f" (last error: {first_error[0]})" if first_error else ""
+        raise ConnectionError(
+            f"could not connect to NATS at {redact_url(url)} within {connect_timeout} s{why}"
+        ) from None
     holder.append(nc)
     return nc
 
@@ -589,6 +606,12 @@ class InstanceRegistry:
     the worker's clock) is more than ``ttl_s`` seconds old (checked every ``sweep_interval_s``).
     Callbacks (``on_added`` when an id appears, ``on_removed`` when it goes) run in the watcher
     task, in order; their exceptions are logged.
+
+    Reconnects: while the NATS connection is down nothing is swept (workers cannot heartbeat
+    either). Once it is back the registry re-syncs: a fresh watcher loads the bucket again
+    (entries deleted meanwhile go, new ones come), and stale heartbeats are forgiven for
+    ``ttl_s`` so the workers have time to beat again. Without this a 2 s NATS restart emptied
+    every router's worker list ~8 s later.
     """
 
     def __init__(
@@ -609,7 +632,13 @@ class InstanceRegistry:
         self._changed = asyncio.Condition()
         self._watcher: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._watch_task: asyncio.Task[None] | None = None
         self._log = _log.bind(bucket=subjects.instances_bucket)
+        # JetStreamContext keeps its connection as ``_nc``: its state gates the sweep.
+        self._nc: NatsClient | None = getattr(js, "_nc", None)
+        self._grace_until = 0.0
+        #: Times the registry re-synced after a reconnect.
+        self.resyncs = 0
 
     # -- queries
     @property
@@ -649,10 +678,8 @@ class InstanceRegistry:
 
         Raises ``TimeoutError`` if the initial values do not arrive within ``timeout`` seconds.
         """
-        kv = await ensure_jetstream(self._js, self._subjects)
-        self._watcher = await kv.watchall()
         initial = asyncio.Event()
-        self._tasks.append(asyncio.create_task(self._watch(initial), name="registry-watch"))
+        await self._open_watch(initial)
         self._tasks.append(asyncio.create_task(self._sweep(), name="registry-sweep"))
         try:
             async with asyncio.timeout(timeout):
@@ -661,24 +688,60 @@ class InstanceRegistry:
             await self.stop()
             raise
 
-    async def stop(self) -> None:
-        """Stop watching (idempotent). The last known instances stay readable."""
+    async def _open_watch(self, initial: asyncio.Event, *, resync: bool = False) -> None:
+        kv = await ensure_jetstream(self._js, self._subjects)
+        self._watcher = await kv.watchall()
+        self._watch_task = asyncio.create_task(self._watch(initial, resync=resync), name="registry-watch")
+
+    async def _close_watch(self) -> None:
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()
             self._watcher = None
+        task, self._watch_task = self._watch_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait([task], timeout=2.0)
+
+    async def resync(self) -> None:
+        """Reload the bucket with a fresh watcher (after a reconnect): ids missing from it are
+        removed, new ones added; heartbeats are forgiven for ``ttl_s``. Errors are logged and
+        retried at the next sweep."""
+        self._grace_until = time.monotonic() + self.ttl_s
+        await self._close_watch()
+        self.resyncs += 1
+        try:
+            await self._open_watch(asyncio.Event(), resync=True)
+        except Exception as e:
+            self._log.warning("registry_resync_failed", error=repr(e))
+            self._resync_needed = True
+            return
+        self._log.info("registry_resynced", instances=len(self._instances))
+
+    _resync_needed = False
+
+    async def stop(self) -> None:
+        """Stop watching (idempotent). The last known instances stay readable."""
+        await self._close_watch()
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
 
-    async def _watch(self, initial: asyncio.Event) -> None:
+    async def _watch(self, initial: asyncio.Event, *, resync: bool = False) -> None:
         watcher = self._watcher
+        seen: set[str] | None = set() if resync else None
         async for entry in watcher:
             if entry is None:  # initial values delivered
                 initial.set()
+                if seen is not None:
+                    for iid in [i for i in self._instances if i not in seen]:
+                        await self._remove(iid, reason="gone_after_reconnect")
+                    seen = None
                 continue
+            if seen is not None:
+                seen.add(entry.key)
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 await self._remove(entry.key, reason="deleted")
                 continue
@@ -687,6 +750,11 @@ class InstanceRegistry:
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 self._log.warning("bad_instance_entry", key=entry.key, error=str(e))
                 continue
+            if info.instance_id != entry.key:
+                # Permissions let a worker write only its own key: an entry naming another id
+                # would let it impersonate that worker.
+                self._log.warning("instance_entry_key_mismatch", key=entry.key, instance_id=info.instance_id)
+                continue
             if self._is_stale(info, time.time()):
                 await self._remove(entry.key, reason="stale")
                 continue
@@ -694,11 +762,21 @@ class InstanceRegistry:
         initial.set()
 
     def _is_stale(self, info: InstanceInfo, now: float) -> bool:
+        if time.monotonic() < self._grace_until:
+            return False
         return now - info.heartbeat_at > self.ttl_s
 
     async def _sweep(self) -> None:
+        was_down = False
         while True:
             await asyncio.sleep(self._sweep_interval_s)
+            nc = self._nc
+            if nc is not None and not nc.is_connected:
+                was_down = True  # nobody can heartbeat now: sweep nothing
+                continue
+            if was_down or self._resync_needed:
+                was_down = self._resync_needed = False
+                await self.resync()
             now = time.time()
             for iid, info in list(self._instances.items()):
                 if self._is_stale(info, now):
@@ -774,6 +852,8 @@ class WorkerRegistration:
                 await self._beat()
             except Exception as e:  # transient (reconnecting); next beat retries
                 _log.warning("heartbeat_failed", error=repr(e))
+                with contextlib.suppress(Exception):  # a restarted server may have lost the bucket
+                    self._kv = await ensure_jetstream(self._js, self._subjects)
 
     async def stop(self) -> None:
         """Stop beating and delete the entry (idempotent; errors are logged)."""
@@ -797,12 +877,16 @@ def common_parser(service: str, description: str | None = None) -> argparse.Argu
     """argparse parser with the options every service takes.
 
     ``--nats-url`` (default ``$NATS_URL`` or ``nats://127.0.0.1:4222``), ``--namespace`` (default
-    ``$TANDEM_NAMESPACE`` or ``tandem``), ``--log-level`` (default ``info``).
+    ``$TANDEM_NAMESPACE`` or ``tandem``), ``--log-level`` (default ``info``), and the NATS
+    credential / TLS flags of :class:`tandem.services.auth.NatsAuth` (``--nats-user``,
+    ``--nats-password-file``, ``--nats-creds``, ``--nats-tls-ca`` …; defaults from ``$NATS_USER``
+    …; the password only from its file or ``$NATS_PASSWORD``).
     """
     p = argparse.ArgumentParser(prog=f"python -m tandem.services.{service}", description=description)
     p.add_argument("--nats-url", default=os.environ.get("NATS_URL", DEFAULT_NATS_URL))
     p.add_argument("--namespace", default=os.environ.get("TANDEM_NAMESPACE", DEFAULT_NAMESPACE))
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_auth_arguments(p.add_argument_group("NATS credentials and TLS"))
     return p
 
 
@@ -826,9 +910,12 @@ class ServiceBase:
         instance_id: str | None = None,
         grace_s: float = 0.5,
         drain_timeout_s: float = 10.0,
+        auth: NatsAuth | None = None,
     ) -> None:
         self.name = name
         self.nats_url = nats_url
+        #: Credentials / TLS for the NATS connection (None: anonymous, plain TCP).
+        self.auth = auth
         self.subjects = Subjects(namespace)
         self.instance_id = instance_id or f"{name}-{uuid.uuid4().hex[:8]}"
         self.grace_s = grace_s
@@ -839,6 +926,9 @@ class ServiceBase:
         self.stopping = asyncio.Event()
         #: Returns ``(ready, detail)`` for health answers; default: always ready.
         self.readiness: Callable[[], tuple[bool, str]] = lambda: (True, "")
+        #: ``holds(request_id)``: whether this service still holds a request (liveness probes
+        #: with ``HealthRequest.request_id``); None = it holds no requests.
+        self.holds: Callable[[str], bool] | None = None
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._subs: list[Subscription] = []
@@ -860,14 +950,22 @@ class ServiceBase:
 
     async def start(self) -> None:
         """Connect, make sure the JetStream stream/bucket exist and answer health requests."""
-        self._nc = await connect(self.nats_url, f"{self.name}:{self.instance_id}")
+        self._nc = await connect(self.nats_url, f"{self.name}:{self.instance_id}", auth=self.auth)
         self._js = self._nc.jetstream()
         await ensure_jetstream(self._js, self.subjects)
         await self.serve(self.subjects.health(self.name), HealthRequest, self._health, queue=self.name)
+        await self.serve(
+            self.subjects.health_instance(self.name, self.instance_id), HealthRequest, self._health
+        )
 
-    async def _health(self, _req: HealthRequest, _msg: NatsMsg) -> Health:
+    async def _health(self, req: HealthRequest, _msg: NatsMsg) -> Health:
         ready, detail = self.readiness()
-        return Health(service=self.name, instance_id=self.instance_id, ready=ready, detail=detail)
+        holds = None
+        if req.request_id:
+            holds = self.holds is not None and self.holds(req.request_id)
+        return Health(
+            service=self.name, instance_id=self.instance_id, ready=ready, detail=detail, holds=holds
+        )
 
     async def serve(
         self,
@@ -953,7 +1051,8 @@ def run_service(
     """Run a service process to completion; returns the exit code (0 after a clean stop).
 
     Sets up logging (``args.log_level``) and tracing, runs under uvloop, starts a
-    :class:`ServiceBase` on ``args.nats_url``/``args.namespace``, awaits ``setup(svc)`` (which
+    :class:`ServiceBase` on ``args.nats_url``/``args.namespace`` (credentials and TLS from the
+    :class:`~tandem.services.auth.NatsAuth` flags), awaits ``setup(svc)`` (which
     subscribes handlers and registers hooks), logs ``event="ready"`` and waits for SIGINT/SIGTERM,
     then shuts down gracefully. A failing ``setup`` is logged and gives exit code 1.
     """
@@ -965,7 +1064,12 @@ def run_service(
 
     async def main() -> int:
         svc = ServiceBase(
-            name, nats_url=args.nats_url, namespace=args.namespace, instance_id=instance_id, grace_s=grace_s
+            name,
+            nats_url=args.nats_url,
+            namespace=args.namespace,
+            instance_id=instance_id,
+            grace_s=grace_s,
+            auth=NatsAuth.from_args(args),
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -974,7 +1078,7 @@ def run_service(
         try:
             await svc.start()
             await setup(svc)
-            svc.log.info("ready", nats_url=args.nats_url, namespace=args.namespace)
+            svc.log.info("ready", nats_url=redact_url(args.nats_url), namespace=args.namespace)
             await svc.stopping.wait()
         except Exception as e:
             svc.log.exception("service_failed", error=repr(e))

@@ -33,6 +33,7 @@ Every method is called from the asyncio loop thread. This module imports neither
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
@@ -62,7 +63,15 @@ device index for VRAM."""
 
 
 class KvTransferError(RuntimeError):
-    """A KV transfer could not be set up, failed or timed out."""
+    """A KV transfer could not be set up, failed or timed out.
+
+    ``released``: None when nothing may still write the destination blocks (the usual case);
+    else a future that completes once the transport let go of the transfer (e.g. NIXL could not
+    release a timed-out READ yet). Until then the destination blocks must not be freed or
+    reused: the READ may still land in them.
+    """
+
+    released: asyncio.Future[None] | None = None
 
 
 def compat_hash(

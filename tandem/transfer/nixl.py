@@ -286,7 +286,8 @@ class KvTransferAgent:
         self._base = int(kv_cache.data_ptr())
         self._remotes: dict[str, bytes] = {}  # remote agent name -> metadata it was loaded from
         self._backlog: list[bytes] = []  # notifications drained outside poll_notifs()
-        self._stuck: list[Any] = []  # xfer handles whose release failed; retried later
+        # xfer handles whose release failed, with the future a caller waits on; retried later
+        self._stuck: list[tuple[Any, asyncio.Future[None]]] = []
         self._inflight = 0
         self._inflight_peers: dict[str, int] = {}  # peer -> READs in flight to it
         self._connected: set[str] = set()  # peers a transfer or a lingered notif went through to
@@ -525,6 +526,7 @@ class KvTransferAgent:
             handle = self._agent.initialize_xfer("READ", local_x, remote_x, remote_name, notif_msg=notif)
         except Exception as exc:
             raise KvTransferError(f"cannot set up {what}: {exc}") from exc
+        released: asyncio.Future[None] | None = None
         try:
             # With UCX over cma the copy itself usually happens inside this call.
             state = self._agent.transfer(handle)
@@ -539,8 +541,13 @@ class KvTransferAgent:
                 state = self._agent.check_xfer_state(handle)
             if state != "DONE":
                 raise KvTransferError(f"{what} failed (NIXL state {state})")
+        except KvTransferError as exc:
+            released = self._release(handle)
+            exc.released = released  # the caller keeps the destination blocks until it completes
+            raise
         finally:
-            self._release(handle)
+            if released is None:
+                self._release(handle)
 
     @property
     def pending_transfers(self) -> int:
@@ -623,24 +630,33 @@ class KvTransferAgent:
         if not self._closed:
             self._connected.add(remote_name)
 
-    def _release(self, handle: Any) -> None:
+    def _release(self, handle: Any) -> asyncio.Future[None] | None:
+        """Release an xfer handle; None if done, else a future completed once a retry (every
+        :meth:`poll_notifs`, and :meth:`close`) released it."""
         try:
             handle.release()
         except Exception as exc:
             # An in-flight request that cannot be cancelled yet; keep it and retry later.
             log.warning("NIXL xfer release failed, will retry: %s", exc)
-            self._stuck.append(handle)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._stuck.append((handle, fut))
+            return fut
+        return None
 
     def _retry_stuck(self) -> None:
         stuck, self._stuck = self._stuck, []
-        for handle in stuck:
+        for handle, fut in stuck:
             try:
-                if self._agent.check_xfer_state(handle) != "PROC":
+                if self._closed or self._agent.check_xfer_state(handle) != "PROC":
                     handle.release()
+                    if not fut.done():
+                        fut.set_result(None)
                     continue
             except Exception:
-                pass
-            self._stuck.append(handle)
+                if self._closed and not fut.done():
+                    fut.set_result(None)  # the memory is deregistered: nothing lands any more
+                    continue
+            self._stuck.append((handle, fut))
 
 
 NixlTransport = KvTransferAgent

@@ -840,7 +840,7 @@ async def test_chunks_already_here_go_out_in_one_batch(env: Env) -> None:
     n_chunks = len(env.router.reply_tokens()) + 1
     async with env.frontend.generation(prepared) as gen:
         async with asyncio.timeout(5):
-            while len(gen.stream._queue) < n_chunks:  # noqa: ASYNC110 (every chunk here, none read)
+            while len(gen.stream.stream._queue) < n_chunks:  # noqa: ASYNC110 (every chunk here, none read)
                 await asyncio.sleep(0.01)
         batches = [b async for b in stream_batches(gen, renderer_for("chat"))]
     assert len(batches) == 1 and batches[0][-1] is DONE
@@ -928,7 +928,12 @@ FRONTEND_FLAGS = [
     "--max-model-len",
     "--chunk-timeout",
     "--health-timeout",
+    "--migration-limit",
+    "--liveness-interval",
     "--default-block-size",
+    "--max-inflight",
+    "--api-key",
+    "--max-request-bytes",
 ]
 
 
@@ -946,7 +951,12 @@ async def test_frontend_config_drives_the_cli(env: Env) -> None:
         max_model_len=4096,
         chunk_timeout_s=2.5,
         health_timeout_s=0.25,
+        migration_limit=1,
+        liveness_interval_s=0.5,
         default_block_size=32,
+        max_inflight=8,
+        api_key="k",
+        max_request_bytes=65536,
     )
     argv = to_argv(custom)  # what the launcher passes on
     assert argv[::2] == FRONTEND_FLAGS

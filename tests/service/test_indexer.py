@@ -4,6 +4,7 @@ with the native radix tree (C parser fast path, msgspec fallback) and the pure-P
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
@@ -28,7 +29,7 @@ from tandem.protocol.messages import (
     StoredBlock,
     encode,
 )
-from tandem.services.indexer import KvIndexer
+from tandem.services.indexer import IndexerConfig, KvIndexer
 from tandem.services.runtime import NoRespondersError, ServiceBase, WorkerRegistration, connect, request
 from tests.service.util import eventually
 
@@ -49,6 +50,12 @@ def radix_impl(request: pytest.FixtureRequest) -> str:
     return impl
 
 
+#: Indexer settings of these tests: no periodic or on-stop snapshots (tests write them explicitly).
+NO_SNAPSHOTS = IndexerConfig(
+    stale_worker_s=3600.0, snapshot_interval_s=0, snapshot_every_batches=0, snapshot_on_stop=False
+)
+
+
 class Indexers:
     """Starts in-process indexers on one namespace and shuts them all down."""
 
@@ -58,12 +65,28 @@ class Indexers:
         self.radix_impl = radix_impl
         self.started: list[ServiceBase] = []
 
-    async def start(self, *, stale_worker_s: float = 3600.0, sweep_interval_s: float = 2.0) -> KvIndexer:
+    async def start(
+        self,
+        config: IndexerConfig | None = None,
+        *,
+        stale_worker_s: float | None = None,
+        sweep_interval_s: float = 2.0,
+        snapshot_check_s: float = 1.0,
+    ) -> KvIndexer:
+        """A started indexer (``config`` default: :data:`NO_SNAPSHOTS`, ``stale_worker_s`` if
+        given), serving overlap queries; its catch-up may still be running."""
+        config = config or NO_SNAPSHOTS
+        if stale_worker_s is not None:
+            config = dataclasses.replace(config, stale_worker_s=stale_worker_s)
         svc = ServiceBase("indexer", nats_url=self.nats_url, namespace=self.ns, drain_timeout_s=2.0)
         self.started.append(svc)
         await svc.start()
         indexer = KvIndexer(
-            svc, stale_worker_s=stale_worker_s, sweep_interval_s=sweep_interval_s, radix_impl=self.radix_impl
+            svc,
+            config,
+            sweep_interval_s=sweep_interval_s,
+            snapshot_check_s=snapshot_check_s,
+            radix_impl=self.radix_impl,
         )
         assert self.radix_impl == indexer.tree.IMPL
         await indexer.start()
@@ -218,6 +241,22 @@ async def test_bad_payload_is_skipped_and_gap_logged(nc: NatsClient, ns: str, in
     gap = [e for e in logs if e["event"] == "kv_event_gap"]
     assert gap and gap[0]["expected"] == 1 and gap[0]["got"] == 3 and gap[0]["missed"] == 2
     assert await scores(nc, ns, [1, 2]) == {"wx": 2}
+
+
+async def test_batch_naming_another_worker_is_dropped(nc: NatsClient, ns: str, indexers: Indexers) -> None:
+    """A forged batch on w2's subject that names w1 (a ``KvCleared`` that would wipe w1's blocks,
+    or a store in w1's name) changes nothing: batches count only from their own worker's subject."""
+    indexer = await indexers.start()
+    await publish_events(nc, ns, "w1", stored(0, [1, 2]))
+    forged = KvEventBatch(worker_id="w1", events=[ev(1, KvCleared()), stored(2, [9])])
+    with structlog.testing.capture_logs() as logs:
+        await nc.jetstream().publish(Subjects(ns).kv_events("w2"), encode(forged))
+        await publish_events(nc, ns, "w2", stored(0, [5]))
+        await eventually(lambda: indexer.events == 2)
+    assert indexer.bad_payloads == 1
+    assert any(e["event"] == "kv_event_batch_foreign_worker" for e in logs)
+    assert await scores(nc, ns, [1, 2]) == {"w1": 2}
+    assert await scores(nc, ns, [9]) == {}
 
 
 async def test_worker_restart_drops_its_old_blocks(nc: NatsClient, ns: str, indexers: Indexers) -> None:

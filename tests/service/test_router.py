@@ -21,6 +21,8 @@ from tandem.protocol.messages import (
     Cancel,
     DecodeRequest,
     ErrorReply,
+    Health,
+    HealthRequest,
     InstanceInfo,
     KvTransferParams,
     OverlapQuery,
@@ -53,7 +55,10 @@ class FakeWorker:
     cancels: list[Cancel] = field(default_factory=list)
     prefill_hook: Callable[[PrefillRequest], Awaitable[PrefillResult | None]] | None = None
     decode_error: ServiceError | None = None
+    decode_hook: Callable[[DecodeRequest], Awaitable[None]] | None = None
     compat: str = "c1"
+    #: Answers liveness probes on ``worker_health(id)`` (False: as if the process were gone).
+    alive: bool = True
 
     def info(self) -> InstanceInfo:
         return InstanceInfo(
@@ -100,12 +105,17 @@ class FakeWorker:
 
     async def on_decode(self, req: DecodeRequest, _m: NatsMsg) -> Ack:
         self.decodes.append(req)
+        if self.decode_hook is not None:
+            await self.decode_hook(req)
         if self.decode_error is not None:
             raise self.decode_error
         return Ack(request_id=req.request_id, worker_id=self.id)
 
     async def on_cancel(self, msg: Cancel, _m: NatsMsg) -> None:
         self.cancels.append(msg)
+
+    async def on_health(self, req: HealthRequest, _m: NatsMsg) -> Health:
+        return Health(service="worker", instance_id=self.id, holds=True if req.request_id else None)
 
 
 class Env:
@@ -138,6 +148,12 @@ class Env:
         self.subs.append(
             await serve(self.nc, s.worker_cancel(worker.id), Cancel, worker.on_cancel, tracker=self.tracker)
         )
+        if worker.alive:
+            self.subs.append(
+                await serve(
+                    self.nc, s.worker_health(worker.id), HealthRequest, worker.on_health, tracker=self.tracker
+                )
+            )
         kv = await ensure_jetstream(self.nc.jetstream(), s)
         await kv.put(worker.id, encode(worker.info()))
         if self.router is not None:
@@ -204,17 +220,23 @@ class Inbox:
         self.nc = nc
         self.subject = nc.new_inbox()
         self.items: list[TokenChunk | ErrorReply] = []
+        #: Who held the request, in order (the router's ``Ack`` messages).
+        self.acks: list[Ack] = []
         self.request: RouteRequest | None = None
         self.statuses: list[str] = []
         self._sub: Subscription | None = None
-        self._dec = msgspec.msgpack.Decoder(TokenChunk | ErrorReply)
+        self._dec = msgspec.msgpack.Decoder(TokenChunk | ErrorReply | Ack)
 
     async def start(self) -> None:
         async def cb(msg: NatsMsg) -> None:
             if not msg.data:  # a NATS status message (e.g. no responders)
                 self.statuses.append(msg.headers.get("Status", "") if msg.headers else "")
                 return
-            self.items.append(self._dec.decode(msg.data))
+            item = self._dec.decode(msg.data)
+            if isinstance(item, Ack):
+                self.acks.append(item)
+            else:
+                self.items.append(item)
 
         self._sub = await self.nc.subscribe(self.subject, cb=cb)
 
@@ -588,3 +610,93 @@ async def test_saturated_prefill_worker_means_local_prefill(env: Env) -> None:
     release.set()
     await eventually(lambda: len(d.decodes) == 3)
     assert sum(1 for x in d.decodes if x.kv is not None) == 2
+
+
+# ---- faults (issue 6) ------------------------------------------------------------------------------
+
+
+async def test_router_tells_the_frontend_who_holds_the_request(env: Env) -> None:
+    await env.add_worker(FakeWorker("p1", "prefill"))
+    await env.add_worker(FakeWorker("d1", "decode"))
+    router = await env.start_router()
+    inbox = await env.route(40)
+    await eventually(lambda: len(inbox.acks) == 2)
+    assert [(a.service, a.worker_id) for a in inbox.acks] == [
+        ("router", router.svc.instance_id),
+        ("worker", "d1"),
+    ]
+    # The router answers liveness probes for what it holds (nothing, once handed off).
+    probe = HealthRequest(request_id=inbox.acks[0].request_id)
+    reply = await env.nc.request(
+        env.subjects.health_instance("router", router.svc.instance_id), encode(probe), timeout=2
+    )
+    health = msgspec.msgpack.decode(reply.data, type=Health)
+    assert health.holds is False
+
+
+async def test_prefill_worker_lost_mid_prefill_falls_back_to_local_prefill(env: Env) -> None:
+    async def hang(_req: PrefillRequest) -> None:
+        await asyncio.sleep(30)
+
+    p = await env.add_worker(FakeWorker("p1", "prefill", prefill_hook=hang, alive=False))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    router = await env.start_router(worker_probe_interval_s=0.2)
+    t0 = time.monotonic()
+    await env.route(40)
+    await eventually(lambda: len(d.decodes) == 1, 3.0)
+    assert time.monotonic() - t0 < 2.0  # not the 120 s prefill timeout
+    assert d.decodes[0].kv is None  # the decode worker prefills it itself
+    assert len(p.prefills) == 1
+    assert router.prefill_fallbacks == 1
+    assert "p1" not in router.live_instances()  # suspect until it heartbeats again
+
+
+async def test_prefill_worker_lost_tries_the_next_prefill_worker(env: Env) -> None:
+    async def hang(_req: PrefillRequest) -> None:
+        await asyncio.sleep(30)
+
+    p1 = await env.add_worker(FakeWorker("p1", "prefill", prefill_hook=hang, alive=False))
+    p2 = await env.add_worker(FakeWorker("p2", "prefill"))
+    d = await env.add_worker(FakeWorker("d1", "decode"))
+    env.overlap = {"p1": 10}  # p1 is the first choice
+    await env.start_router(worker_probe_interval_s=0.2)
+    inbox = await env.route(40)
+    await eventually(lambda: len(d.decodes) == 1, 3.0)
+    assert len(p1.prefills) == 1 and len(p2.prefills) == 1
+    assert d.decodes[0].prefill_worker_id == "p2"
+    assert isinstance(inbox.items[0], TokenChunk) and inbox.items[0].token_ids == [FIRST]
+
+
+async def test_decode_worker_short_of_blocks_hands_the_request_on(env: Env) -> None:
+    full = ServiceError(503, "not enough free KV blocks", type="kv_capacity")
+    d1 = await env.add_worker(FakeWorker("d1", "decode", decode_error=full))
+    d2 = await env.add_worker(FakeWorker("d2", "decode"))
+    await env.add_worker(FakeWorker("p1", "prefill"))
+    await env.start_router(router_mode="round-robin")
+    for _ in range(4):
+        await env.route(40)
+    await eventually(lambda: len(d2.decodes) == 4)
+    assert len(d1.decodes) >= 1  # it was asked, declined, and the request went on
+
+
+async def test_decode_worker_that_does_not_ack_is_cancelled_and_skipped(env: Env) -> None:
+    async def hang(_req: DecodeRequest) -> None:
+        await asyncio.sleep(30)
+
+    await env.add_worker(FakeWorker("p1", "prefill"))
+    d1 = await env.add_worker(FakeWorker("d1", "decode", decode_hook=hang))
+    d2 = await env.add_worker(FakeWorker("d2", "decode"))
+    router = await env.start_router(router_mode="round-robin", ack_timeout_s=0.3)
+    await env.route(40)
+    await env.route(40)
+    await eventually(lambda: len(d2.decodes) == 2, 3.0)
+    assert len(d1.decodes) == 1
+    await eventually(lambda: len(d1.cancels) == 1)
+    assert "d1" not in router.live_instances()
+
+
+async def test_router_not_ready_without_a_decode_worker(env: Env) -> None:
+    router = await env.start_router()
+    assert router.svc.readiness()[0] is False
+    await env.add_worker(FakeWorker("d1", "decode"))
+    assert router.svc.readiness()[0] is True

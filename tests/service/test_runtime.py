@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -37,6 +40,7 @@ from tandem.services.runtime import (
     request,
     serve,
 )
+from tests.conftest import free_port, nats_server_binary
 
 
 def subject() -> str:
@@ -219,6 +223,7 @@ async def test_registry_put_delete_and_stale(nc: NatsClient) -> None:
     js = nc.jetstream()
     kv = await ensure_jetstream(js, subjects)
     await kv.put("pre", encode(make_info("pre", "prefill")))  # present before the watch starts
+    await kv.put("evil", encode(make_info("pre", "decode")))  # key and id differ: impersonation
 
     registry = InstanceRegistry(js, subjects, ttl_s=1.0, sweep_interval_s=0.1)
     added: list[str] = []
@@ -235,6 +240,7 @@ async def test_registry_put_delete_and_stale(nc: NatsClient) -> None:
     await registry.start()
     try:
         assert "pre" in registry and registry.instances["pre"].role == "prefill"
+        assert "evil" not in registry and len(registry) == 1
 
         reg = WorkerRegistration(js, subjects, lambda: make_info("w1", "decode"), interval_s=0.2)
         await reg.start()
@@ -308,3 +314,62 @@ async def test_service_base_health_and_shutdown(nats_url: str, nc: NatsClient) -
     finally:
         finish.set()
         await svc.shutdown()
+
+
+async def test_registry_survives_a_nats_restart(tmp_path: Path) -> None:
+    """A NATS restart longer than the heartbeat TTL empties nothing: no sweep while down, then a
+    re-sync from the bucket with one TTL of grace, and the worker's heartbeats resume."""
+    import nats as nats_client
+
+    port = free_port()
+    argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path)]
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return proc
+            except OSError:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise
+                time.sleep(0.02)
+
+    server = start()
+    url = f"nats://127.0.0.1:{port}"
+    opts = {"reconnect_time_wait": 0.2, "max_reconnect_attempts": -1}
+    worker_nc = await nats_client.connect(url, **opts)
+    watcher_nc = await nats_client.connect(url, **opts)
+    subjects = Subjects(f"rr{uuid.uuid4().hex[:6]}")
+    try:
+        await ensure_jetstream(worker_nc.jetstream(), subjects, instance_ttl_s=30)
+        info = make_info("w1", "decode")
+        reg = WorkerRegistration(worker_nc.jetstream(), subjects, lambda: info, interval_s=0.2)
+        await reg.start()
+        registry = InstanceRegistry(watcher_nc.jetstream(), subjects, ttl_s=1.0, sweep_interval_s=0.1)
+        await registry.start()
+        try:
+            await registry.wait_for(lambda d: "w1" in d, timeout=3)
+            server.kill()
+            server.wait(5)
+            await asyncio.sleep(2.0)  # twice the TTL with no heartbeat possible
+            assert "w1" in registry  # nothing swept while disconnected
+            server = start()
+            await asyncio.sleep(1.5)  # reconnect, re-sync, heartbeats resume
+            assert "w1" in registry
+            assert registry.resyncs >= 1
+            before = registry.get("w1")
+            assert before is not None
+            await asyncio.sleep(0.6)
+            after = registry.get("w1")
+            assert after is not None and after.heartbeat_at > before.heartbeat_at  # live again
+        finally:
+            await registry.stop()
+            await reg.stop()
+    finally:
+        await worker_nc.close()
+        await watcher_nc.close()
+        server.kill()
+        server.wait(5)

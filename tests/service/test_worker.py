@@ -457,6 +457,27 @@ async def test_compat_hash_mismatch_is_409(workers: Topology, nc: NatsClient, to
     assert_clean(await wait_idle(nc, workers, workers.prefill_id))
 
 
+async def test_kv_from_an_unregistered_source_is_403(
+    workers: Topology, nc: NatsClient, tokenizer: Any
+) -> None:
+    """A DecodeRequest whose descriptors name an agent other than the registered prefill
+    worker's (a forgery pointing the READ at foreign memory) is refused before any READ."""
+    prompt = tokenizer.encode("Only registered prefill workers may be read from, nobody else.")
+    request_id = rid()
+    res = await prefill(nc, workers, prompt, GREEDY, request_id)
+    assert isinstance(res, PrefillResult) and res.kv is not None
+    good_kv = res.kv
+    res.kv = msgspec.structs.replace(good_kv, agent_name="tandem-intruder")
+    ack, _ = await decode(nc, workers, prompt, GREEDY, request_id, res)
+    assert isinstance(ack, ErrorReply) and ack.code == 403, ack
+    res.kv, res.worker_id = good_kv, "no-such-prefill-worker"
+    ack, _ = await decode(nc, workers, prompt, GREEDY, request_id, res)
+    assert isinstance(ack, ErrorReply) and ack.code == 403, ack
+    await nc.publish(workers.subjects.cancel, encode(Cancel(request_id=request_id)))
+    assert_clean(await wait_idle(nc, workers, workers.prefill_id))
+    assert_clean(await wait_idle(nc, workers, workers.decode_id))
+
+
 async def test_cancel_running_decode_frees_blocks(workers: Topology, nc: NatsClient, tokenizer: Any) -> None:
     prompt = tokenizer.encode("Write a very long story about a dragon:")
     request_id = rid()

@@ -1,8 +1,10 @@
 """docker-compose.yml, Dockerfile and .dockerignore, checked offline (no Docker engine needed).
 
 The compose file is validated against the Compose specification with ``compose-spec`` and then
-checked for the topology: the seven services, the worker roles, the dependencies, the
-environment (NATS and OTLP endpoints) and command lines that the services really accept.
+checked for the topology: the eight services, the worker roles, the dependencies, the
+environment (NATS and OTLP endpoints), command lines that the services really accept, the NATS
+credentials (each service its own user, NATS not published, anonymous clients refused), the
+restart policies, and host ports bound to loopback only.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any
 import pytest
 from compose_spec import PyCompose
 
+from tandem.services.auth import deployment_users, server_config
+from tandem.services.auth import main as auth_main
 from tandem.services.launcher import LaunchConfig, build_parser, plan_processes
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICES = {"nats", "jaeger", "indexer", "router", "prefill-worker", "decode-worker", "frontend"}
+SERVICES = {"nats-auth", "nats", "jaeger", "indexer", "router", "prefill-worker", "decode-worker", "frontend"}
 TANDEM = {
     "indexer": "indexer",
     "router": "router",
@@ -71,7 +75,64 @@ def test_nats_runs_jetstream_and_reports_health() -> None:
     assert nats["image"].startswith("nats:")
     assert "-js" in nats["command"]
     assert "healthcheck" in nats
-    assert any(str(p).endswith("4222") for p in nats.get("ports", []))
+
+
+def test_nats_requires_the_generated_users_and_is_not_published() -> None:
+    nats = service("nats")
+    assert flags_short(nats["command"])["-c"] == "/auth/nats.conf"
+    assert not nats.get("ports"), "NATS must not be published on the host"
+    assert nats["depends_on"]["nats-auth"]["condition"] == "service_completed_successfully"
+    assert any(str(v).startswith("nats-auth:/auth") for v in nats["volumes"])
+    auth = command("nats-auth")
+    assert auth[:3] == ["python", "-m", "tandem.services.auth"]
+    workers = {flags(command(n))["--instance-id"] for n in ("prefill-worker", "decode-worker")}
+    listed = {auth[i + 1] for i, a in enumerate(auth) if a == "--worker"}
+    assert listed == workers
+
+
+def flags_short(argv: list[str]) -> dict[str, str | None]:
+    """``-x value`` pairs."""
+    return {a: (argv[i + 1] if i + 1 < len(argv) else None) for i, a in enumerate(argv) if a.startswith("-")}
+
+
+@pytest.mark.parametrize("name", sorted(TANDEM))
+def test_every_service_logs_in_as_its_own_user(name: str) -> None:
+    f = flags(command(name))
+    user = f["--nats-user"]
+    role = TANDEM[name]
+    assert user == (f["--instance-id"] if role == "worker" else role)
+    assert f["--nats-password-file"] == f"/auth/{user}.password"
+    assert any(str(v) == "nats-auth:/auth:ro" for v in service(name)["volumes"])
+
+
+def test_nats_auth_writes_a_user_for_every_service(tmp_path: Path) -> None:
+    """What the nats-auth service runs: every compose service's user exists, passwords are kept
+    on a second run, files are private."""
+    argv = command("nats-auth")[3:]
+    out = tmp_path / "auth"
+    argv[argv.index("--out") + 1] = str(out)
+    assert auth_main(argv) == 0
+    users = {p.stem for p in out.glob("*.password")}
+    wanted = {flags(command(n))["--nats-user"] for n in TANDEM}
+    assert wanted | {"client", "launcher"} <= users
+    first = (out / "frontend.password").read_text()
+    assert auth_main(argv) == 0
+    assert (out / "frontend.password").read_text() == first
+    assert oct((out / "nats.conf").stat().st_mode & 0o777) == "0o600"
+    assert "no_auth_user" not in (out / "nats.conf").read_text()
+    assert server_config(deployment_users("tandem", ["decode-0"])).count("user:") == 6
+
+
+def test_restart_policies() -> None:
+    assert service("nats-auth")["restart"] == "no"
+    for name in SERVICES - {"nats-auth"}:
+        assert service(name)["restart"] == "unless-stopped", name
+
+
+def test_published_ports_bind_loopback_only() -> None:
+    for name, svc in compose()["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
 
 def test_jaeger_takes_otlp_http_and_serves_ui() -> None:
@@ -79,7 +140,7 @@ def test_jaeger_takes_otlp_http_and_serves_ui() -> None:
     assert "jaeger" in jaeger["image"]
     assert str(jaeger["environment"]["COLLECTOR_OTLP_ENABLED"]).lower() == "true"
     ports = {str(p) for p in jaeger["ports"]}
-    assert {"16686:16686", "4318:4318"} <= ports
+    assert {"127.0.0.1:16686:16686", "127.0.0.1:4318:4318"} <= ports
 
 
 @pytest.mark.parametrize("name", sorted(TANDEM))
@@ -110,7 +171,7 @@ def test_worker_roles() -> None:
 def test_frontend_waits_for_everything_and_publishes_8000() -> None:
     front = service("frontend")
     assert set(front["depends_on"]) >= {"nats", "router", "indexer", "prefill-worker", "decode-worker"}
-    assert "8000:8000" in {str(p) for p in front["ports"]}
+    assert "127.0.0.1:8000:8000" in {str(p) for p in front["ports"]}
     assert flags(command("frontend"))["--port"] == "8000"
     assert flags(command("frontend"))["--host"] == "0.0.0.0"
     assert "/ready" in " ".join(front["healthcheck"]["test"])
@@ -150,6 +211,7 @@ def test_dockerfile_pins_cpu_torch_first_and_prepares_the_model() -> None:
     text = (REPO / "Dockerfile").read_text()
     first_from = next(ln.strip() for ln in text.splitlines() if ln.startswith("FROM"))
     assert first_from == "FROM python:3.11-slim"
+    assert "install -d -o tandem -m 0700 /auth" in text  # the nats-auth volume's owner
     torch_at = text.index("https://download.pytorch.org/whl/cpu")
     assert '"torch==2.13.0"' in text[torch_at - 200 : torch_at + 200]
     assert torch_at < text.index("-r requirements.txt")

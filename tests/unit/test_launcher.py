@@ -327,3 +327,207 @@ async def test_second_signal_skips_the_grace_period(tmp_path: Path) -> None:
 def test_stop_grace_flag() -> None:
     assert parse_args(["--stop-grace", "5"]).stop_grace == 5
     assert parse_args([]).stop_grace == launcher.DEFAULT_STOP_GRACE_S
+
+
+# ---- NATS credentials --------------------------------------------------------------------------
+
+
+def test_nats_auth_is_on_by_default_with_one_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("NATS_URL", "NATS_USER", "NATS_CREDS", "NATS_PASSWORD_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = parse_args([])
+    assert cfg.nats_auth and cfg.nats_auth_dir is None
+    assert cfg.client_users == ["client"]
+    assert not cfg.nats.configured
+    assert not parse_args(["--no-nats-auth"]).nats_auth
+    assert parse_args(["--nats-clients", "alice, bob"]).client_users == ["alice", "bob"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--nats-user", "u"],  # credentials are for an external server
+        ["--nats-url", "nats://x:1", "--nats-password-file", "/p"],  # a password file needs a user
+        ["--nats-url", "nats://x:1", "--nats-tls-key", "/k"],
+        ["--nats-clients", "router"],
+        ["--nats-clients", "decode-0"],
+        ["--nats-clients", "a.b"],
+        ["--restart-limit", "-1"],
+    ],
+)
+def test_bad_security_flags_exit_2(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NATS_URL", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+
+
+def test_embedded_auth_gives_each_process_its_own_user() -> None:
+    cfg = parse_args(["--engine", "mock", "--prefill", "2", "--decode", "3", "--workers-per-process", "2"])
+    specs = plan_processes(cfg, NATS, cpu_count=2, auth_dir="/run/a")
+    users = [s.nats_user for s in specs]
+    assert users == ["indexer", "router", "prefill-0-1", "decode-0-1", "decode-2", "frontend"]
+    for s in specs:
+        assert _flag(s, "--nats-user") == s.nats_user
+        assert _flag(s, "--nats-password-file") == f"/run/a/{s.nats_user}.password"
+    names = [name for name, _ in launcher.plan_users(cfg)]
+    assert names == [*users, "launcher", "client"]
+    perms = dict(launcher.plan_users(cfg))
+    decode = perms["decode-0-1"]
+    assert "tandem.kv.events.decode-0" in decode.publish and "tandem.kv.events.decode-1" in decode.publish
+    assert "tandem.kv.events.decode-2" not in decode.publish
+    assert "tandem.worker.decode-1.>" in decode.subscribe
+
+
+def test_external_server_credentials_reach_every_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("NATS_USER", "NATS_CREDS", "NATS_PASSWORD_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = parse_args(
+        ["--nats-url", "tls://nats:4222", "--nats-user", "svc", "--nats-password-file", "/s/pw",
+         "--nats-tls-ca", "/s/ca.pem"]
+    )  # fmt: skip
+    for s in plan_processes(cfg, cfg.nats_url or "", cpu_count=2):
+        assert _flag(s, "--nats-user") == "svc" and _flag(s, "--nats-password-file") == "/s/pw"
+        assert _flag(s, "--nats-tls-ca") == "/s/ca.pem"
+        assert s.nats_user is None
+    monkeypatch.setenv("NATS_USER", "from-env")
+    cfg = parse_args(["--nats-url", "nats://x:1"])
+    assert cfg.nats.nats_user == "from-env"
+
+
+def test_child_env_drops_inherited_credentials_for_generated_users() -> None:
+    base = {"NATS_USER": "u", "NATS_PASSWORD": "p", "NATS_CREDS": "/c", "HOME": "/h"}
+    spec = ProcessSpec("router", "router", (), nats_user="router")
+    env = child_env(spec, base)
+    assert "NATS_USER" not in env and "NATS_PASSWORD" not in env and "NATS_CREDS" not in env
+    assert env["HOME"] == "/h"
+    assert child_env(ProcessSpec("router", "router", ()), base)["NATS_PASSWORD"] == "p"
+
+
+def test_usage_text_shows_the_client_login() -> None:
+    from tandem.services.auth import NatsAuth
+
+    cfg = LaunchConfig()
+    client = NatsAuth.for_user("client", "/run/a/client.password")
+    text = launcher.usage_text(cfg, "nats://127.0.0.1:4333", Path("/tmp/logs"), client)
+    assert "user='client'" in text and "inbox_prefix='_INBOX.client'" in text
+    assert "/run/a/client.password" in text
+    snippet = text.split("<<'EOF'\n", 1)[1].split("\n  EOF", 1)[0]
+    compile("\n".join(line[2:] for line in snippet.splitlines()), "<snippet>", "exec")
+
+
+async def test_embedded_nats_with_auth_refuses_anonymous(tmp_path: Path) -> None:
+    import nats
+    import nats.errors
+
+    cfg = LaunchConfig()
+    users = [launcher.NatsUser(n, launcher.new_password(), p) for n, p in launcher.plan_users(cfg)]
+    conf = launcher.write_credentials(tmp_path / "auth", users)
+    store = tmp_path / "store"
+    store.mkdir()
+    child, url = await launcher.start_nats(tmp_path, str(store), config=conf)
+    try:
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+        await launcher.prepare_jetstream(
+            url,
+            cfg.namespace,
+            launcher.NatsAuth.for_user("launcher", tmp_path / "auth" / "launcher.password"),
+        )
+    finally:
+        await launcher.stop_children([[child]], grace_s=5)
+
+
+# ---- supervision -------------------------------------------------------------------------------
+
+
+def test_restart_backoff_doubles_to_ten_seconds() -> None:
+    assert [launcher.restart_delay(n) for n in range(1, 8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def _adopt(sup: launcher.Supervisor, name: str, service: str, code: str, tmp_path: Path) -> launcher.Child:
+    argv = [sys.executable, "-c", code]
+    child = launcher.spawn(name, service, argv, {}, tmp_path)
+    sup.adopt(child, argv, {})
+    return child
+
+
+async def _poll_until(sup: launcher.Supervisor, cond: object, limit_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while not cond():  # type: ignore[operator]
+        assert loop.time() < deadline, "supervisor did not get there in time"
+        sup.poll()
+        await asyncio.sleep(0.05)
+
+
+async def test_supervisor_restarts_a_dead_worker_with_back_off(tmp_path: Path) -> None:
+    exits: list[str] = []
+
+    async def on_exit(spec: ProcessSpec) -> None:
+        exits.append(spec.name)
+
+    sup = launcher.Supervisor(tmp_path, restart_limit=3, on_exit=on_exit)
+    first = _adopt(
+        sup, "decode-0", "worker", "print('up', flush=True); import time; time.sleep(60)", tmp_path
+    )
+    first.proc.kill()
+    first.proc.wait(5)
+    await _poll_until(sup, lambda: sup.restarts("decode-0") == 1)
+    second = sup.children[0]
+    assert second.pid != first.pid and second.alive()
+    assert exits == ["decode-0"]
+    assert sup.entries[0].in_a_row == 1 and sup.error is None
+    log = (tmp_path / "decode-0.log").read_text()
+    assert "restart 1 of decode-0" in log  # appended, not truncated
+    second.proc.kill()
+    second.proc.wait(5)
+    t0 = asyncio.get_running_loop().time()
+    await _poll_until(sup, lambda: sup.restarts("decode-0") == 2)
+    assert asyncio.get_running_loop().time() - t0 >= 0.9  # second restart in a row waits 1 s
+    await launcher.stop_children([sup.children], grace_s=2)
+
+
+async def test_supervisor_gives_up_after_the_restart_limit(tmp_path: Path) -> None:
+    sup = launcher.Supervisor(tmp_path, restart_limit=1)
+    _adopt(sup, "decode-0", "worker", "import sys; print('boom'); sys.exit(3)", tmp_path)
+    await _poll_until(sup, lambda: sup.failed.is_set())
+    assert sup.restarts("decode-0") == 1
+    assert sup.error is not None and "giving up on decode-0" in str(sup.error)
+    assert "boom" in str(sup.error)
+
+
+async def test_restart_limit_zero_fails_fast(tmp_path: Path) -> None:
+    sup = launcher.Supervisor(tmp_path, restart_limit=0)
+    sup.ready = True
+    _adopt(sup, "prefill-0", "worker", "import sys; sys.exit(1)", tmp_path)
+    await _poll_until(sup, lambda: sup.failed.is_set())
+    assert sup.restarts("prefill-0") == 0 and "no restarts" in str(sup.error)
+
+
+async def test_core_service_failing_to_start_is_fatal_then_restarted_once_ready(tmp_path: Path) -> None:
+    sup = launcher.Supervisor(tmp_path, restart_limit=5)
+    _adopt(sup, "router", "router", "import sys; print('bad flag'); sys.exit(2)", tmp_path)
+    await _poll_until(sup, lambda: sup.failed.is_set())
+    assert "router failed to start" in str(sup.error) and "bad flag" in str(sup.error)
+
+    sup = launcher.Supervisor(tmp_path, restart_limit=5)
+    child = _adopt(sup, "router", "router", "import time; time.sleep(60)", tmp_path)
+    sup.ready = True
+    child.proc.kill()
+    child.proc.wait(5)
+    await _poll_until(sup, lambda: sup.restarts("router") == 1)
+    assert sup.error is None and sup.children[0].alive()
+    await launcher.stop_children([sup.children], grace_s=2)
+
+
+async def test_a_long_run_resets_the_back_off(tmp_path: Path) -> None:
+    sup = launcher.Supervisor(tmp_path, restart_limit=1, stable_s=0.3)
+    child = _adopt(sup, "decode-0", "worker", "import time; time.sleep(60)", tmp_path)
+    sup.entries[0].in_a_row = 1  # as if it had been restarted once already
+    await asyncio.sleep(0.4)  # … and then stayed up longer than stable_s
+    child.proc.kill()
+    child.proc.wait(5)
+    await _poll_until(sup, lambda: sup.restarts("decode-0") == 1)
+    assert sup.error is None and sup.entries[0].in_a_row == 1
+    await launcher.stop_children([sup.children], grace_s=2)

@@ -24,6 +24,7 @@ from tandem.protocol.messages import (
     KvRemoved,
     KvStored,
     OverlapQuery,
+    RadixTreeState,
     StoredBlock,
     decoder,
     encode,
@@ -378,6 +379,158 @@ def test_many_workers_dropping_out_at_every_depth(tree_cls: TreeClass) -> None:
     assert tree.find_matches(h) == want
     assert tree.find_matches(h[:5]) == {w: min(n, 5) for w, n in want.items()}
     tree.check_integrity()
+
+
+# ---- snapshots ---------------------------------------------------------------------------------
+
+SNAPSHOT_TARGETS = [
+    pytest.param(PyRadixTree, id="to-python"),
+    pytest.param(
+        NativeRadixTree, id="to-native", marks=pytest.mark.skipif(not NATIVE_AVAILABLE, reason="not built")
+    ),
+]
+
+
+def _same_tree(a: BaseRadixTree, b: BaseRadixTree, queries: list[list[int]]) -> None:
+    """Same content, bookkeeping and answers (slots included: a restored tree keeps them)."""
+    assert a.block_masks() == b.block_masks()
+    assert a.sequence_starts() == b.sequence_starts()
+    assert a.workers() == b.workers()
+    assert a._slot == b._slot
+    for w in a.workers():
+        assert (a.worker_num_blocks(w), a.last_event_id(w)) == (b.worker_num_blocks(w), b.last_event_id(w))
+    assert (a.gaps, a.unknown_parent_events, a.unknown_removed_blocks) == (
+        b.gaps,
+        b.unknown_parent_events,
+        b.unknown_removed_blocks,
+    )
+    for q in queries:
+        assert a.find_matches(q) == b.find_matches(q)
+
+
+@pytest.mark.parametrize("target", SNAPSHOT_TARGETS)
+@pytest.mark.parametrize("workers", [5, 70])
+def test_snapshot_restores_the_same_tree_in_either_implementation(
+    tree_cls: TreeClass, target: TreeClass, workers: int
+) -> None:
+    """A tree (stores, removals, a cleared worker, a removed one leaving a free slot, gaps, lost
+    parents, hash 0 and 2**64-1; 70 workers: masks of two words) → snapshot → msgpack → restore
+    into an empty tree of either implementation: the same tree, and it stays the same under the
+    same further events (a new worker takes the free slot, a worker restarts, one clears)."""
+    rng = random.Random(workers)
+    prompts = [toks(BS * rng.randrange(1, 9), base=1000 * i) for i in range(12)]
+    hashes = [compute_block_hashes(p, BS) for p in prompts]
+    src = tree_cls()
+    gens = {f"w{i}": Events() for i in range(workers)}
+
+    def random_event(w: str) -> KvEvent:
+        gen, r = gens[w], rng.random()
+        p = rng.choice(prompts)
+        n = len(p) // BS
+        if r < 0.6:
+            start = rng.randrange(n)
+            return gen.stored(p, start, rng.randrange(start + 1, n + 1))
+        if r < 0.9:
+            return gen.removed(rng.sample(compute_block_hashes(p, BS), rng.randrange(1, n + 1)))
+        return gen.cleared()
+
+    for _ in range(600):
+        w = rng.choice(list(gens))
+        src.apply(w, random_event(w))
+    src.apply("w1", gens["w1"].cleared())
+    src.remove_worker("w2")
+    gens["w3"].next_id += 2  # a gap
+    src.apply("w3", gens["w3"].stored(prompts[0], 1))  # parent maybe unknown
+    edge = KvEvent(
+        event_id=gens["w0"].next_id, data=KvStored(blocks=[StoredBlock(block_hash=0, tokens_hash=0)])
+    )
+    gens["w0"].next_id += 1
+    src.apply("w0", edge)
+    src.apply(
+        "w0",
+        gens["w0"]._ev(KvStored(blocks=[StoredBlock(block_hash=2**64 - 1, tokens_hash=0)], parent_hash=0)),
+    )
+    queries = [*hashes, [0, 2**64 - 1], []]
+
+    state = decoder(RadixTreeState).decode(encode(src.snapshot()))
+    dst = target()
+    dst.restore(state)
+    dst.check_integrity()
+    _same_tree(src, dst, queries)
+
+    gens["w2"] = Events()  # w2 comes back: takes its old free slot in both
+    for tree in (src, dst):
+        tree.apply("new", Events().stored(prompts[1]))
+    for _ in range(200):
+        w = rng.choice(list(gens))
+        ev = random_event(w)
+        assert src.apply(w, ev) == dst.apply(w, ev)
+    restart = Events().stored(prompts[2])  # w4 restarted: ids from 0
+    for tree in (src, dst):
+        tree.remove_worker("w4")
+        tree.apply("w4", restart)
+    src.check_integrity()
+    dst.check_integrity()
+    _same_tree(src, dst, queries)
+
+
+def test_snapshot_of_an_empty_tree(tree_cls: TreeClass) -> None:
+    state = tree_cls().snapshot()
+    assert (state.workers, state.hashes, state.masks, state.roots) == ([], b"", b"", b"")
+    for target in (PyRadixTree, *([NativeRadixTree] if NATIVE_AVAILABLE else [])):
+        tree = target()
+        tree.restore(state)
+        assert tree.num_blocks() == 0 and tree.workers() == set()
+        tree.apply("a", Events().stored(toks(8)))
+        assert tree.find_matches(compute_block_hashes(toks(8), BS)) == {"a": 2}
+
+
+def test_restore_rejects_inconsistent_states_and_leaves_the_tree_empty(tree_cls: TreeClass) -> None:
+    src = PyRadixTree()
+    ga, gb = Events(), Events()
+    src.apply("a", ga.stored(toks(16)))
+    src.apply("b", gb.stored(toks(8)))
+    good = src.snapshot()
+    n = len(good.hashes) // 8
+    assert n == 4 and good.mask_words == 1
+    le = lambda *xs: b"".join(x.to_bytes(8, "little") for x in xs)  # noqa: E731
+    h0 = good.hashes[:8]
+    bad = {
+        "hashes length": msgspec.structs.replace(good, hashes=good.hashes[:-1]),
+        "masks length": msgspec.structs.replace(good, masks=good.masks[:-8]),
+        "roots length": msgspec.structs.replace(good, roots=good.roots + b"\0"),
+        "mask words": msgspec.structs.replace(good, mask_words=0),
+        "mask 0": msgspec.structs.replace(good, masks=le(0) + good.masks[8:]),
+        "unknown slot": msgspec.structs.replace(good, masks=le(0b100) + good.masks[8:]),
+        "counts": msgspec.structs.replace(good, masks=le(0b11) * n),
+        "repeated hash": msgspec.structs.replace(good, hashes=h0 * n),
+        "root not a block": msgspec.structs.replace(good, roots=le(123456789)),
+        "repeated slot": msgspec.structs.replace(
+            good, workers=[good.workers[0], msgspec.structs.replace(good.workers[1], slot=0)]
+        ),
+        "repeated worker": msgspec.structs.replace(
+            good, workers=[good.workers[0], msgspec.structs.replace(good.workers[1], worker_id="a")]
+        ),
+        "slot range": msgspec.structs.replace(
+            good, workers=[good.workers[0], msgspec.structs.replace(good.workers[1], slot=64)]
+        ),
+        "negative count": msgspec.structs.replace(
+            good, workers=[good.workers[0], msgspec.structs.replace(good.workers[1], num_blocks=-1)]
+        ),
+    }
+    for what, state in bad.items():
+        tree = tree_cls()
+        with pytest.raises(ValueError):
+            tree.restore(state)
+        assert tree.num_blocks() == 0 and tree.workers() == set() and tree.block_masks() == {}, what
+        tree.restore(good)  # still empty and usable
+        tree.check_integrity()
+        assert tree.block_masks() == src.block_masks()
+    full = tree_cls()
+    full.apply("c", Events().stored(toks(4)))
+    with pytest.raises(ValueError, match="empty"):
+        full.restore(good)
+    assert full.workers() == {"c"}
 
 
 def test_fast_decoder_agrees_with_protocol_decoder(tree_cls: TreeClass) -> None:

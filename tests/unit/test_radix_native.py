@@ -283,6 +283,49 @@ def test_table_rejects_misuse() -> None:
     assert t.remove(0, memoryview(raw)[1:]) == 2 and t.size() == 0
 
 
+@native_only
+def test_table_dump_and_load() -> None:
+    """dump() → load() copies a table (hash 0's side entry, start flags, any mask width whose extra
+    words are 0, unaligned buffers); load() refuses what would corrupt the table and leaves it
+    empty."""
+    n = _native()
+    le = lambda *xs: b"".join(x.to_bytes(8, "little") for x in xs)  # noqa: E731
+    t = n.Table(2, 1)
+    t.store(0, array("Q", [0, 7, 8]).tobytes(), True, None)
+    t.store(100, array("Q", [8, 9]).tobytes(), False, 7)
+    hashes, masks, roots = t.dump()
+    assert len(hashes) == 4 * 8 and len(masks) == 4 * 16 and roots == le(0)
+    counts = n.Table(2, 5).load(hashes, masks, 2, roots)
+    assert counts[0] == 3 and counts[100] == 2 and sum(counts) == 5 and len(counts) == 127
+    u = n.Table(2, 5)
+    raw = bytearray(b"x" + masks)
+    u.load(hashes, memoryview(raw)[1:], 2, roots)
+    assert sorted(u.items()) == sorted(t.items())
+    # One word per block into a two-word table, and three words whose last one is 0.
+    one = n.Table(2, 3)
+    assert one.load(le(5, 6), le(1, 3), 1, le(5))[:2] == [2, 1]
+    three = n.Table(1, 3)
+    assert three.load(le(5), le(1, 0, 0), 3, b"")[0] == 1
+    for args, what in [
+        ((le(5), le(1, 1), 2, b""), "past the last slot"),  # word 1 of a one-word table
+        ((le(5), le(1 << 63), 1, b""), "past the last slot"),  # the start flag's bit
+        ((le(5), le(0), 1, b""), "no slot"),
+        ((le(5, 5), le(1, 1), 1, b""), "repeats"),
+        ((le(5), le(1), 1, le(6)), "sequence start"),
+        ((le(5), le(1), 1, b"123"), "lengths"),
+        ((le(5), le(1, 1), 1, b""), "lengths"),
+        ((le(5), le(1), 0, b""), "words"),
+    ]:
+        fresh = n.Table(1, 3)
+        with pytest.raises(ValueError, match=what):
+            fresh.load(*args)
+        assert fresh.size() == 0 and fresh.dump() == (b"", b"", b"")
+    with pytest.raises(ValueError, match="empty"):
+        t.load(hashes, masks, 2, roots)
+    with pytest.raises(TypeError):
+        n.Table(1).load(le(5), le(1), 1)
+
+
 # ---- the payload parser --------------------------------------------------------------------------
 
 
@@ -477,21 +520,24 @@ def test_indexer_fast_path_equals_fallback(monkeypatch: pytest.MonkeyPatch) -> N
     same counters and scores."""
     native, python = _indexer(monkeypatch, "native"), _indexer(monkeypatch, "python")
     rng = random.Random(5)
-    payloads: list[bytes] = []
+    payloads: list[tuple[str, bytes]] = []
+    subject = native.svc.subjects.kv_events
     for i in range(300):
         b = _random_batch(rng)
         b = KvEventBatch(worker_id=f"w{i % 7}", events=b.events)
-        payloads.append(encode(b))
+        payloads.append((subject(b.worker_id), encode(b)))
         if i % 10 == 0:  # the same batch, keys reordered: msgspec takes it, the C parser does not
             raw = msgspec.to_builtins(b)
-            payloads.append(msgspec.msgpack.encode(dict(reversed(list(raw.items())))))
+            payloads.append((subject(b.worker_id), msgspec.msgpack.encode(dict(reversed(list(raw.items()))))))
         if i % 25 == 0:
-            payloads.append(payloads[-1][:-1])  # truncated: bad
-    payloads.append(b"\xc1garbage")
+            payloads.append((payloads[-1][0], payloads[-1][1][:-1]))  # truncated: bad
+        if i % 50 == 0:
+            payloads.append((subject("w-other"), payloads[-1][1]))  # another worker's subject: bad
+    payloads.append((subject("w0"), b"\xc1garbage"))
     with structlog.testing.capture_logs():
-        for p in payloads:
-            native._apply_payload("s", p)
-            python._apply_payload("s", p)
+        for s, p in payloads:
+            native._apply_payload(s, p)
+            python._apply_payload(s, p)
     for attr in ("batches", "events", "bad_payloads", "gaps", "restarts"):
         assert getattr(native, attr) == getattr(python, attr), attr
     assert native.bad_payloads >= 13 and native.restarts > 0 and native.gaps > 0

@@ -8,6 +8,7 @@ Modules, in pipeline order
 --------------------------
 ``config.py``        :class:`FrontendConfig`: the settings; drives the CLI and the launcher
                      (importable without aiohttp, NATS or torch).
+``edge.py``          checks before any work, for both entry points: API key, admission bound.
 ``preprocess.py``    body → :class:`PreparedRequest`: validate, tokenize (cached per piece between
                      special tokens), limits, block hashes.
 ``token_stream.py``  :class:`TokenStream`: inbox (one wildcard subscription, ``InboxMux``),
@@ -25,7 +26,9 @@ HTTP endpoints
 --------------
 ``POST /v1/chat/completions``, ``POST /v1/completions`` (non-streaming JSON, or SSE with
 ``"stream": true``: ``data: {chunk}\\n\\n`` … ``data: [DONE]\\n\\n``), ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /health`` (200 while the process serves) and ``GET /ready`` (200
+``GET /v1/models/{id}``, ``GET /openapi.json`` (OpenAPI 3.1 document of this API, schemas
+derived from :mod:`tandem.protocol.openai`), ``GET /health`` and ``GET /live`` (200 while the
+process serves) and ``GET /ready`` (200
 only when the router and the indexer answer ``HealthRequest`` on ``{ns}.health.router`` /
 ``{ns}.health.indexer`` and the instances bucket holds at least one prefill-capable (role
 ``prefill`` or ``both``) and one decode-capable (``decode`` or ``both``) worker; otherwise 503
@@ -35,11 +38,23 @@ An error that carries a retry hint from the pipeline (``ErrorReply.retry_after_s
 router or worker, 429/503) also sets ``Retry-After`` (whole seconds, rounded up, at least 1);
 once a stream's headers are out, an error goes into the stream instead (step 8).
 
+Edge checks (``edge.py``, before step 1; over HTTP before the body is read): with
+``--api-key`` (or ``$TANDEM_API_KEY``) every route but ``/health``, ``/live`` and ``/ready``
+needs ``Authorization: Bearer <key>`` (401 ``invalid_api_key``, constant-time compare); more
+than ``--max-inflight`` (256) completion requests in flight, HTTP and NATS together → 429
+``server_busy`` with ``Retry-After: 1`` at once (never queued; the slot is released on every
+exit path); a body over ``--max-request-bytes`` (4 MiB) → 413 ``request_too_large``.
+
 Life cycle of one request
 -------------------------
 1. **Validate** (``preprocess.py``) the JSON body (:mod:`tandem.protocol.openai`): malformed
-   JSON, missing or ill-typed fields, ``n != 1``, out-of-range sampling values → 400; a model
-   other than the served one → 404 ``model_not_found``.
+   JSON (also invalid UTF-8 and nesting too deep to decode), missing or ill-typed fields,
+   ``n != 1``, out-of-range sampling values (``temperature`` finite in [0, 2], ``top_p`` in
+   (0, 1], ``top_k`` -1 or 0..2³¹-1, ``seed`` int64, at most 4 stop strings of at most 512
+   characters) → 400 naming the parameter; a model other than the served one → 404
+   ``model_not_found``. A prompt longer in characters than the context could hold
+   (``--max-model-len`` × the longest vocabulary entry) → 400 ``context_length_exceeded``
+   before tokenizing. A ``temperature`` below 1e-5 samples greedily (sent as 0).
 2. **Tokenize** (``preprocess.py``): chat messages go through the model's chat template
    (generation prompt added); completion prompts are text or token ids. A prompt that leaves no
    room in the context (``--max-model-len``, 8192) or ``prompt + max_tokens`` beyond it → 400
@@ -100,7 +115,10 @@ Subjects ``{ns}.v1.chat.completions``, ``{ns}.v1.completions`` and ``{ns}.v1.mod
 are JSON (UTF-8), exactly the HTTP bodies; a request without a reply subject is dropped.
 
 * **Request**: the OpenAI request body as the message payload (``{ns}.v1.models``: any payload,
-  e.g. empty). Answers go to the message's reply subject.
+  e.g. empty). Answers go to the message's reply subject. With an API key configured, the
+  message needs the NATS header ``Authorization: Bearer <key>`` (else a 401 error reply); the
+  edge checks and limits are those of HTTP (401 / 413 / 429 with ``"retry_after"``), answered
+  before any parsing.
 * **Non-streaming** (``"stream"`` absent or false): exactly one reply message. Success: the same
   JSON bytes HTTP returns (``chat.completion`` / ``text_completion`` / model list). Error:
   OpenAI's error body plus a top-level status, ``{"error": {...}, "status": 400}``, where

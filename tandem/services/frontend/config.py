@@ -10,16 +10,20 @@ so the launcher can build a :class:`FrontendConfig` and pass it on with
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 from tandem.config import option
 
 __all__ = [
+    "API_KEY_ENV",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_CHUNK_TIMEOUT_S",
     "DEFAULT_HEALTH_TIMEOUT_S",
+    "DEFAULT_MAX_INFLIGHT",
     "DEFAULT_MAX_MODEL_LEN",
+    "DEFAULT_MAX_REQUEST_BYTES",
     "FrontendConfig",
 ]
 
@@ -27,6 +31,12 @@ DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CHUNK_TIMEOUT_S = 120.0
 DEFAULT_HEALTH_TIMEOUT_S = 1.0
+#: Requests (HTTP and public NATS together) one frontend handles at once before answering 429.
+DEFAULT_MAX_INFLIGHT = 256
+#: Largest request body (HTTP) or payload (public NATS), bytes.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+#: Environment variable holding the API key when ``--api-key`` is not given.
+API_KEY_ENV = "TANDEM_API_KEY"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +66,35 @@ class FrontendConfig:
         flag="--health-timeout",
         help="seconds GET /ready waits for the router's and the indexer's health answers",
     )
+    migration_limit: int = option(
+        3,
+        help="re-issues of a request to another worker when the one serving it is lost "
+        "(prompt + tokens so far; Dynamo's --migration-limit; 0 = off)",
+    )
+    liveness_interval_s: float = option(
+        1.0,
+        flag="--liveness-interval",
+        help="seconds a stream may be silent before the frontend probes the worker or router "
+        "holding it (a lost holder migrates the request)",
+    )
     default_block_size: int = option(
         DEFAULT_BLOCK_SIZE, help="block size for prompt hashing until a worker advertises one, tokens"
+    )
+    max_inflight: int = option(
+        DEFAULT_MAX_INFLIGHT,
+        help="completion requests (HTTP + public NATS) handled at once; more get 429 with "
+        "Retry-After at once (0 = unlimited)",
+    )
+    #: None = from ``$TANDEM_API_KEY`` (resolved at start by :meth:`resolved_api_key`, so the
+    #: key never shows in ``--help`` nor in the command lines the launcher builds).
+    api_key: str | None = option(
+        None,
+        help="require 'Authorization: Bearer KEY' on the HTTP API (all but /health, /live, /ready) "
+        f"and the public NATS subjects (default: ${API_KEY_ENV}; empty = no key)",
+    )
+    max_request_bytes: int = option(
+        DEFAULT_MAX_REQUEST_BYTES,
+        help="largest HTTP request body / public NATS payload, bytes (413 above)",
     )
     #: ``created`` of the model card (Unix seconds); set at start, not a flag.
     created: int = option(
@@ -75,5 +112,19 @@ class FrontendConfig:
             raise ValueError(f"chunk_timeout_s must be > 0, got {self.chunk_timeout_s}")
         if not self.health_timeout_s > 0:
             raise ValueError(f"health_timeout_s must be > 0, got {self.health_timeout_s}")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
+        if not self.liveness_interval_s > 0:
+            raise ValueError(f"liveness_interval_s must be > 0, got {self.liveness_interval_s}")
         if self.default_block_size < 1:
             raise ValueError(f"default_block_size must be at least 1, got {self.default_block_size}")
+        if self.max_inflight < 0:
+            raise ValueError(f"max_inflight must be >= 0 (0 = unlimited), got {self.max_inflight}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be at least 1024, got {self.max_request_bytes}")
+
+    def resolved_api_key(self) -> str | None:
+        """The API key clients must send: ``api_key``, else ``$TANDEM_API_KEY``; None (or an
+        empty string in either) = no key required."""
+        key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV)
+        return key or None

@@ -15,6 +15,7 @@ from typing import Any
 
 from tandem.protocol.messages import RequestMetrics, TokenChunk
 from tandem.protocol.openai import KvTransferInfo, OpenAIError, PromptTokensDetails, TandemInfo, Usage
+from tandem.services.frontend.migration import MigratingStream
 from tandem.services.frontend.output import TextOutput
 from tandem.services.frontend.preprocess import PreparedRequest
 from tandem.services.frontend.token_stream import TokenStream
@@ -31,7 +32,9 @@ class Generation:
     request).
     """
 
-    def __init__(self, prepared: PreparedRequest, stream: TokenStream, output: TextOutput) -> None:
+    def __init__(
+        self, prepared: PreparedRequest, stream: TokenStream | MigratingStream, output: TextOutput
+    ) -> None:
         self.prepared = prepared
         self.stream = stream
         self._output = output

@@ -1,10 +1,17 @@
 """Stage 1 of the pipeline: an OpenAI request body → a :class:`PreparedRequest`.
 
-Parse and validate (:mod:`tandem.protocol.openai`), check the model, tokenize (chat template for
+Parse and validate (:mod:`tandem.protocol.openai`), check the model, refuse a prompt too long
+to fit before tokenizing it (:attr:`Preprocessor.max_prompt_chars`), tokenize (chat template for
 chat messages, text or token ids for completion prompts), apply the context limit and the
 ``max_tokens`` defaults, build the :class:`~tandem.protocol.messages.SamplingParams` and hash
 the prompt's full blocks once. Everything here raises :class:`OpenAIError` (400/404) and
 touches neither NATS nor HTTP.
+
+Event loop: :meth:`Preprocessor.prepare_async` parses a body larger than
+:data:`PARSE_IN_THREAD_BYTES` and tokenizes a prompt longer than :data:`TOKENIZE_IN_THREAD_CHARS`
+in a worker thread (tokenizing with the tokenizer's GIL-releasing batch call), so a long prompt
+(up to ~0.5 s of tokenizing at the character limit) or a huge conversation does not stall the
+other requests; :meth:`Preprocessor.prepare` does everything inline.
 
 Chat prompts are encoded by a :class:`PromptEncoder`: the tokenizer splits text at its special
 tokens (``<|im_start|>``, ``<|im_end|>``) and encodes the pieces between them independently, so
@@ -14,6 +21,7 @@ pieces are encoded. Multi-turn conversations and shared system prompts repeat mo
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -35,10 +43,29 @@ from tandem.protocol.openai import (
     stop_list,
 )
 
-__all__ = ["DEFAULT_COMPLETION_MAX_TOKENS", "PreparedRequest", "Preprocessor", "PromptEncoder", "RequestKind"]
+__all__ = [
+    "DEFAULT_COMPLETION_MAX_TOKENS",
+    "GREEDY_TEMPERATURE",
+    "PARSE_IN_THREAD_BYTES",
+    "TOKENIZE_IN_THREAD_CHARS",
+    "PreparedRequest",
+    "Preprocessor",
+    "PromptEncoder",
+    "RequestKind",
+]
 
 #: OpenAI's default ``max_tokens`` for the legacy completions endpoint.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+#: A ``temperature`` below this samples greedily (sent as 0.0), as vLLM does (``_SAMPLING_EPS``).
+GREEDY_TEMPERATURE = 1e-5
+#: Prompts longer than this (characters, after the chat template) are tokenized in a worker
+#: thread by :meth:`Preprocessor.prepare_async` (~10 ms of tokenizing on one core).
+TOKENIZE_IN_THREAD_CHARS = 16 * 1024
+#: Bodies larger than this (bytes) are parsed in a worker thread by
+#: :meth:`Preprocessor.prepare_async` (a few ms of decoding and validating on one core).
+PARSE_IN_THREAD_BYTES = 64 * 1024
+#: Characters one token can cover when the tokenizer's vocabulary cannot be read.
+FALLBACK_CHARS_PER_TOKEN = 128
 
 RequestKind = Literal["chat", "completion"]
 
@@ -64,10 +91,16 @@ class PreparedRequest:
 
 @dataclass(frozen=True)
 class _Prompt:
-    """What differs between the two request kinds once the body is parsed and tokenized."""
+    """What differs between the two request kinds once the body is parsed (not yet tokenized).
+
+    Exactly one of ``text`` (to tokenize) and ``token_ids`` (given by the client) is set.
+    """
 
     req: ChatCompletionRequest | CompletionRequest
-    token_ids: list[int]
+    text: str | None
+    token_ids: list[int] | None
+    #: Add the tokenizer's BOS/EOS (completion text) rather than encode as is (chat template).
+    add_special_tokens: bool
     #: New tokens asked for (None: not given).
     requested: int | None
     #: The request field ``requested`` came from, for error messages.
@@ -205,13 +238,68 @@ class Preprocessor:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids: frozenset[int] = frozenset([eos]) if isinstance(eos, int) else frozenset()
         self.encoder = PromptEncoder(tokenizer)
+        #: Characters one token covers at most (the longest vocabulary entry).
+        self.max_token_chars = _max_token_chars(tokenizer)
+        #: A prompt (completion text, or chat message contents together) longer than this,
+        #: characters, cannot fit in the context: refused before it is tokenized. Exact, never a
+        #: false refusal: a byte-level vocabulary entry of ``k`` characters covers ``k`` bytes,
+        #: and a character is at least one byte.
+        self.max_prompt_chars = max_model_len * self.max_token_chars
 
     def prepare(self, kind: RequestKind, body: bytes, arrived: float | None = None) -> PreparedRequest:
-        """Validate and tokenize a request body; raises :class:`OpenAIError` (400/404)."""
+        """Validate and tokenize a request body inline; raises :class:`OpenAIError` (400/404)."""
         arrived = time.perf_counter() if arrived is None else arrived
-        prompt = self._chat(body) if kind == "chat" else self._completion(body)
+        prompt = self.parse(kind, body)
+        if prompt.token_ids is not None:
+            token_ids = prompt.token_ids
+        elif prompt.add_special_tokens:
+            token_ids = list(self.tokenizer.encode(prompt.text or "", add_special_tokens=True))
+        else:
+            token_ids = self.encoder.encode(prompt.text or "")
+        return self._finish(kind, prompt, token_ids, arrived)
+
+    async def prepare_async(
+        self, kind: RequestKind, body: bytes, arrived: float | None = None
+    ) -> PreparedRequest:
+        """:meth:`prepare` with the heavy parts in a worker thread, so the event loop keeps
+        serving meanwhile: a body over :data:`PARSE_IN_THREAD_BYTES` is also parsed there (JSON,
+        validation, chat template: Python code, which yields the GIL to the loop every few ms),
+        a prompt over :data:`TOKENIZE_IN_THREAD_CHARS` is tokenized there (with the tokenizer's
+        GIL-releasing call). Same ids, same errors."""
+        arrived = time.perf_counter() if arrived is None else arrived
+        if len(body) > PARSE_IN_THREAD_BYTES:
+            prompt, token_ids = await asyncio.to_thread(self._parse_and_encode, kind, body)
+            return self._finish(kind, prompt, token_ids, arrived)
+        prompt = self.parse(kind, body)
+        text = prompt.text
+        if prompt.token_ids is not None:
+            token_ids = prompt.token_ids
+        elif text is not None and len(text) > TOKENIZE_IN_THREAD_CHARS:
+            token_ids = await asyncio.to_thread(
+                _encode_off_loop, self.tokenizer, text, prompt.add_special_tokens
+            )
+        elif prompt.add_special_tokens:
+            token_ids = list(self.tokenizer.encode(text or "", add_special_tokens=True))
+        else:
+            token_ids = self.encoder.encode(text or "")
+        return self._finish(kind, prompt, token_ids, arrived)
+
+    def _parse_and_encode(self, kind: RequestKind, body: bytes) -> tuple[_Prompt, list[int]]:
+        """:meth:`parse` and tokenize, for a worker thread (no shared cache touched)."""
+        prompt = self.parse(kind, body)
+        if prompt.token_ids is not None:
+            return prompt, prompt.token_ids
+        return prompt, _encode_off_loop(self.tokenizer, prompt.text or "", prompt.add_special_tokens)
+
+    def parse(self, kind: RequestKind, body: bytes) -> _Prompt:
+        """Validate the body, check the model and the prompt's length in characters, apply the
+        chat template; nothing is tokenized yet. Raises :class:`OpenAIError` (400/404)."""
+        return self._chat(body) if kind == "chat" else self._completion(body)
+
+    def _finish(
+        self, kind: RequestKind, prompt: _Prompt, token_ids: list[int], arrived: float
+    ) -> PreparedRequest:
         req = prompt.req
-        token_ids = prompt.token_ids
         limit = self.max_model_len
         room = limit - len(token_ids)
         if room < 1:
@@ -237,9 +325,10 @@ class Preprocessor:
             )
         else:
             max_tokens = requested
+        temperature = 1.0 if req.temperature is None else req.temperature
         sampling = SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
+            temperature=0.0 if temperature < GREEDY_TEMPERATURE else temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=max(req.top_k or 0, 0),
             seed=req.seed,
@@ -271,17 +360,39 @@ class Preprocessor:
                 code="model_not_found",
             )
 
+    def _check_chars(self, chars: int, param: str) -> None:
+        """400 ``context_length_exceeded`` when ``chars`` characters cannot fit in the context."""
+        if chars > self.max_prompt_chars:
+            raise OpenAIError(
+                400,
+                f"The prompt is {chars} characters; this model's context is {self.max_model_len} tokens "
+                f"and no prompt longer than {self.max_prompt_chars} characters fits in it.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     def _chat(self, body: bytes) -> _Prompt:
         req = decode_chat_request(body)
         self._check_model(req.model)
+        if len(req.messages) > self.max_model_len:  # every message renders to some tokens
+            raise OpenAIError(
+                400,
+                f"The conversation has {len(req.messages)} messages; this model's context is "
+                f"{self.max_model_len} tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as e:  # a template may reject a conversation (e.g. role order)
             raise OpenAIError(400, f"Could not apply the chat template: {e}", param="messages") from None
         return _Prompt(
             req=req,
-            token_ids=self.encoder.encode(text),
+            text=text,
+            token_ids=None,
+            add_special_tokens=False,
             requested=req.effective_max_tokens(),
             max_tokens_param=(
                 "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -295,14 +406,27 @@ class Preprocessor:
         req = decode_completion_request(body)
         self._check_model(req.model)
         prompt = completion_prompt(req)
+        text: str | None = None
+        token_ids: list[int] | None = None
         if isinstance(prompt, str):
-            token_ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+            self._check_chars(len(prompt), "prompt")
+            text = prompt
         else:
+            if len(prompt) >= self.max_model_len:  # before looking at every id
+                raise OpenAIError(
+                    400,
+                    f"The prompt is {len(prompt)} tokens; this model's context is {self.max_model_len} "
+                    "tokens (the prompt must leave room for at least one new token).",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
             self._check_vocab(prompt)
             token_ids = prompt
         return _Prompt(
             req=req,
+            text=text,
             token_ids=token_ids,
+            add_special_tokens=True,
             requested=req.max_tokens,
             max_tokens_param="max_tokens",
             prompt_param="prompt",
@@ -312,5 +436,42 @@ class Preprocessor:
 
     def _check_vocab(self, token_ids: Iterable[int]) -> None:
         vocab = getattr(self.tokenizer, "vocab_size", None)
-        if isinstance(vocab, int) and any(t >= vocab for t in token_ids):
+        if isinstance(vocab, int) and max(token_ids, default=-1) >= vocab:
             raise OpenAIError(400, f"Token ids must be below the vocabulary size ({vocab}).", param="prompt")
+
+
+def _max_token_chars(tokenizer: Tokenizer) -> int:
+    """The longest vocabulary entry of ``tokenizer``, characters (at least 1); for a tokenizer
+    whose vocabulary cannot be read, :data:`FALLBACK_CHARS_PER_TOKEN`."""
+    hf = getattr(tokenizer, "_tk", None)  # the wrapped tokenizers.Tokenizer
+    get_vocab = getattr(hf, "get_vocab", None)
+    if get_vocab is None:
+        return FALLBACK_CHARS_PER_TOKEN
+    try:
+        vocab = get_vocab(with_added_tokens=True)
+        return max(1, max((len(t) for t in vocab), default=1))
+    except Exception:
+        return FALLBACK_CHARS_PER_TOKEN
+
+
+def _encode_off_loop(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """``tokenizer.encode(text, add_special_tokens)`` for a worker thread.
+
+    A wrapped Hugging Face tokenizer's ``encode`` holds the GIL for the whole call (the event
+    loop would stall anyway); its ``encode_batch`` releases it, so that is used, on a batch of
+    one (same pipeline, same ids), with BOS/EOS added as :meth:`Tokenizer.encode` does.
+    Anything else falls back to ``tokenizer.encode``.
+    """
+    hf = getattr(tokenizer, "_tk", None)
+    encode_batch = getattr(hf, "encode_batch", None)
+    if encode_batch is None:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    ids: list[int] = list(encode_batch([text], add_special_tokens=False)[0].ids)
+    if add_special_tokens:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if getattr(tokenizer, "add_bos_token", False) and bos is not None:
+            ids = [bos, *ids]
+        if getattr(tokenizer, "add_eos_token", False) and eos is not None:
+            ids = [*ids, eos]
+    return ids

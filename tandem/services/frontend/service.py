@@ -30,12 +30,15 @@ from nats.aio.client import Client as NatsClient
 
 from tandem.config import add_arguments, from_namespace
 from tandem.engine.tokenizer import Tokenizer
+from tandem.kvbm.hashing import compute_block_hashes
 from tandem.protocol import Subjects
-from tandem.protocol.messages import Health, HealthRequest
+from tandem.protocol.messages import Health, HealthRequest, SamplingParams
 from tandem.protocol.openai import ModelCard, ModelList
 from tandem.services.frontend.config import FrontendConfig
+from tandem.services.frontend.edge import Admission
 from tandem.services.frontend.generation import Generation
 from tandem.services.frontend.http import create_app
+from tandem.services.frontend.migration import MigratingStream
 from tandem.services.frontend.nats_api import PublicNatsApi
 from tandem.services.frontend.output import TextOutput
 from tandem.services.frontend.preprocess import PreparedRequest, Preprocessor, RequestKind
@@ -43,6 +46,7 @@ from tandem.services.frontend.render import renderer_for, stream_batches, stream
 from tandem.services.frontend.token_stream import InboxMux, TokenStream
 from tandem.services.runtime import (
     InstanceRegistry,
+    NoRespondersError,
     RemoteError,
     ServiceBase,
     TaskTracker,
@@ -97,6 +101,10 @@ class Frontend:
             max_model_len=config.max_model_len,
             block_size=self.block_size,
         )
+        #: Completion requests in flight, HTTP and NATS together (``--max-inflight``; :mod:`.edge`).
+        self.admission = Admission(config.max_inflight)
+        #: The key clients must send (``Authorization: Bearer``), None = no key (:mod:`.edge`).
+        self.api_key: str | None = config.resolved_api_key()
         self.nats_api = PublicNatsApi(self)
         #: The inboxes of this frontend's token streams (one wildcard subscription).
         self.inbox = InboxMux.of(nc)
@@ -188,20 +196,63 @@ class Frontend:
         """Validate and tokenize a request body; raises :class:`OpenAIError` (400/404)."""
         return self.preprocessor.prepare(kind, body, arrived)
 
-    def token_stream(self, prepared: PreparedRequest) -> TokenStream:
-        """The transport of ``prepared`` (not started). The place a migrating wrapper plugs in."""
+    async def prepare_async(
+        self, kind: RequestKind, body: bytes, arrived: float | None = None
+    ) -> PreparedRequest:
+        """:meth:`prepare` with a long prompt tokenized off the event loop (what both entry
+        points use); raises :class:`OpenAIError` (400/404)."""
+        return await self.preprocessor.prepare_async(kind, body, arrived)
+
+    def token_stream(self, prepared: PreparedRequest) -> MigratingStream:
+        """The transport of ``prepared`` (not started): attempt 0, migrated on a lost worker up to
+        ``--migration-limit`` times (:mod:`.migration`)."""
         p = prepared
-        return TokenStream(
-            self.nc,
-            self.subjects,
-            request_id=p.request_id,
-            model=p.model,
-            token_ids=p.token_ids,
-            block_hashes=p.block_hashes,
-            sampling=p.sampling,
-            chunk_timeout_s=self.config.chunk_timeout_s,
-            inbox=self.inbox,
+        block_size = self.block_size()
+
+        def attempt(
+            request_id: str, token_ids: list[int], sampling: SamplingParams, index_base: int
+        ) -> TokenStream:
+            hashes = (
+                p.block_hashes if token_ids is p.token_ids else compute_block_hashes(token_ids, block_size)
+            )
+            return TokenStream(
+                self.nc,
+                self.subjects,
+                request_id=request_id,
+                model=p.model,
+                token_ids=token_ids,
+                block_hashes=hashes,
+                sampling=sampling,
+                chunk_timeout_s=self.config.chunk_timeout_s,
+                index_base=index_base,
+                inbox=self.inbox,
+                liveness=self.liveness,
+                liveness_interval_s=self.config.liveness_interval_s,
+            )
+
+        return MigratingStream(
+            attempt(p.request_id, p.token_ids, p.sampling, 0), attempt, self.config.migration_limit
         )
+
+    async def liveness(self, service: str, instance_id: str, request_id: str) -> bool | None:
+        """Whether the ``service`` (``"router"`` or ``"worker"``) instance holding a stream still
+        serves ``request_id``: True (it does), False (no responders: gone; or it answered that it
+        does not hold the request: lost, e.g. its chunks were lost in a NATS restart), None (no
+        answer within the liveness interval). See :mod:`.token_stream`."""
+        if service == "worker":
+            subject = self.subjects.worker_health(instance_id)
+        else:
+            subject = self.subjects.health_instance(service, instance_id)
+        probe = HealthRequest(request_id=request_id)
+        try:
+            health = await request(self.nc, subject, probe, Health, timeout=self.config.liveness_interval_s)
+        except NoRespondersError:
+            return False
+        except RemoteError:
+            return True  # it answered, with an error
+        except TimeoutError:
+            return None
+        return health.holds is not False
 
     def generation(self, prepared: PreparedRequest) -> Generation:
         """A :class:`Generation` for ``prepared`` (use with ``async with``)."""

@@ -35,6 +35,22 @@ tokens already generated and fresh ``block_hashes``. What this class provides fo
   started with ``index_base = previous.next_index`` continues the client-visible chunk indices;
 * :attr:`TokenStream.finished`, :attr:`TokenStream.next_index` and :meth:`TokenStream.stop`
   tell a wrapper where the attempt stands and let it end one without a client-visible error.
+
+:mod:`.migration` is that wrapper.
+
+Liveness
+--------
+A stream knows who holds its request from the ``Ack`` messages that arrive on its inbox: the
+router replica that took the ``RouteRequest`` acks on receipt (``service="router"``), and again
+with the decode worker's id once that worker accepted the request (``service="worker"``). While
+the stream has had no message for ``liveness_interval_s``, it asks the holder's liveness (the
+``liveness`` callback: a ``HealthRequest`` to ``Subjects.health_instance("router", id)`` or
+``Subjects.worker_health(id)``, with the request id) once per interval. A holder gone from NATS
+(no responders: a killed process is noticed by the server at once), one that answers it does
+not hold the request any more (its chunks were lost, e.g. in a NATS restart), or one silent for
+``LIVENESS_MISSES`` probes in a row (a hung one) ends the stream with a 503
+``code="worker_lost"``, which :mod:`.migration` retries on another worker — seconds after the
+fault, not after the ``chunk_timeout_s`` of silence.
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ import itertools
 import time
 import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import msgspec
@@ -57,12 +74,26 @@ from tandem.protocol.messages import Ack, Cancel, ErrorReply, RouteRequest, Samp
 from tandem.protocol.openai import OpenAIError
 from tandem.services.runtime import get_logger, inject_headers
 
-__all__ = ["MAX_PENDING_CHUNKS", "MAX_QUEUED_MESSAGES", "InboxMux", "TokenStream", "error_from_reply"]
+__all__ = [
+    "LIVENESS_MISSES",
+    "MAX_PENDING_CHUNKS",
+    "MAX_QUEUED_MESSAGES",
+    "InboxMux",
+    "Liveness",
+    "TokenStream",
+    "error_from_reply",
+]
 
 #: Reordering buffer bound: more out-of-order chunks than this means a broken producer.
 MAX_PENDING_CHUNKS = 4096
 #: Messages queued for one stream and not read yet; beyond this the stream fails (502).
 MAX_QUEUED_MESSAGES = 65536
+#: Liveness probes in a row without an answer after which a holder counts as gone.
+LIVENESS_MISSES = 3
+
+#: ``await liveness(service, instance_id, request_id)``: True = alive and holding the request,
+#: False = gone (no responders) or no longer holding it (lost), None = no answer in time (a miss).
+Liveness = Callable[[str, str, str], Awaitable[bool | None]]
 
 _log = get_logger("tandem.frontend")
 _inbox_decoder = msgspec.msgpack.Decoder(TokenChunk | ErrorReply | Ack)
@@ -178,6 +209,8 @@ class TokenStream:
         chunk_timeout_s: float,
         index_base: int = 0,
         inbox: InboxMux | None = None,
+        liveness: Liveness | None = None,
+        liveness_interval_s: float = 1.0,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
@@ -188,6 +221,12 @@ class TokenStream:
         self.sampling = sampling
         self.chunk_timeout_s = chunk_timeout_s
         self.index_base = index_base
+        self.liveness = liveness
+        self.liveness_interval_s = liveness_interval_s
+        #: ``(service, instance_id)`` of who holds the request now (from the latest ``Ack``).
+        self.holder: tuple[str, str] | None = None
+        self._last_activity = time.monotonic()
+        self._misses = 0
         #: Set once the pipeline finished the request (final or error chunk): no Cancel needed.
         self.finished = False
         #: Why a Cancel goes out if the stream is closed before it finished.
@@ -245,7 +284,7 @@ class TokenStream:
             )
         except Exception as e:
             self._end("error")
-            raise OpenAIError(503, f"could not reach the router: {e}") from e
+            raise OpenAIError(503, f"could not reach the router: {e}", code="no_router") from e
 
     def stop(self, reason: str) -> None:
         """Stop reading (e.g. ``"stop_string"``): :meth:`next_chunk` returns None from now on and
@@ -317,6 +356,7 @@ class TokenStream:
 
     def _deliver(self, msg: NatsMsg) -> None:
         """The mux's callback: queue ``msg`` and wake the reader."""
+        self._last_activity = time.monotonic()
         queue = self._queue
         if len(queue) >= MAX_QUEUED_MESSAGES:
             self._overflow = True
@@ -356,19 +396,25 @@ class TokenStream:
         return None
 
     async def _receive(self) -> TokenChunk:
-        """Wait for chunk ``_next_index`` (or an error chunk) for up to ``chunk_timeout_s``."""
+        """Wait for chunk ``_next_index`` (or an error chunk) for up to ``chunk_timeout_s``,
+        probing the holder's liveness while nothing arrives (see the module docstring)."""
         timeout = self.chunk_timeout_s
         deadline = time.monotonic() + timeout
         loop = asyncio.get_running_loop()
+        probe_every = self.liveness_interval_s if self.liveness is not None else None
         while True:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 self._end("timeout")
                 raise OpenAIError(
                     504, f"No tokens for request {self.request_id} within {timeout:g} s.", code="timeout"
                 )
+            wait = left
+            if probe_every is not None:
+                wait = min(wait, max(self._last_activity + probe_every - now, 0.001))
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(left, _wake, waiter)
+            timer = loop.call_later(wait, _wake, waiter)
             try:
                 await waiter
             finally:
@@ -377,18 +423,50 @@ class TokenStream:
             chunk = self._take()
             if chunk is not None:
                 return chunk
+            if probe_every is not None and time.monotonic() - self._last_activity >= probe_every:
+                await self._check_holder()
+
+    async def _check_holder(self) -> None:
+        """Probe the holder once; raises ``OpenAIError(503, code="worker_lost")`` if it is gone."""
+        holder, liveness = self.holder, self.liveness
+        self._last_activity = time.monotonic()  # next probe one interval from now
+        if holder is None or liveness is None:
+            return
+        alive = await liveness(holder[0], holder[1], self.request_id)
+        if self._queue or self._pending.get(self._next_index) is not None:
+            self._misses = 0
+            return  # it spoke meanwhile (e.g. the final chunk just before it let go)
+        if alive is None:
+            self._misses += 1
+        elif alive:
+            self._misses = 0
+        if alive is False or self._misses >= LIVENESS_MISSES:
+            how = "is gone or lost it" if alive is False else f"did not answer {self._misses} probes"
+            self._end("worker_lost")
+            _log.warning("holder_lost", request_id=self.request_id, service=holder[0], instance_id=holder[1])
+            raise OpenAIError(
+                503,
+                f"The {holder[0]} {holder[1]} serving request {self.request_id} {how}.",
+                type="service_unavailable",
+                code="worker_lost",
+            )
 
     def _decode(self, msg: NatsMsg) -> TokenChunk | None:
         """A chunk for this request, or None for anything to skip; raises for replies that end it."""
         if not msg.data and msg.headers and msg.headers.get("Status") == "503":
             self._end("error")
-            raise OpenAIError(503, "No router is serving requests (no responders on router.generate).")
+            raise OpenAIError(
+                503, "No router is serving requests (no responders on router.generate).", code="no_router"
+            )
         try:
             obj = _inbox_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             _log.warning("bad_inbox_message", request_id=self.request_id, error=str(e))
             return None
         if isinstance(obj, Ack):
+            if obj.request_id == self.request_id and obj.worker_id:
+                self.holder = (obj.service, obj.worker_id)
+                self._misses = 0
             return None
         if isinstance(obj, ErrorReply):
             self._end("error")

@@ -76,6 +76,12 @@ class RouterConfig:
     overlap_timeout_s: float = option(0.1, help="KV indexer overlap query timeout (s)")
     prefill_timeout_s: float = option(120.0, help="prefill worker timeout (s)")
     ack_timeout_s: float = option(5.0, help="decode worker Ack timeout (s)")
+    worker_probe_interval_s: float = option(
+        1.0,
+        flag="--worker-probe-interval",
+        help="while a prefill worker has not answered, probe its liveness this often; a worker "
+        "gone (no responders) or silent for 3 probes is skipped for the next one (s)",
+    )
 
     def __post_init__(self) -> None:
         def finite(name: str, v: float, lo: float = 0.0) -> None:
@@ -97,7 +103,13 @@ class RouterConfig:
         if self.active_prefill_tokens_threshold is not None and self.active_prefill_tokens_threshold < 0:
             raise ValueError("active_prefill_tokens_threshold must be >= 0 (tokens)")
         finite("busy_retry_after_s", self.busy_retry_after_s)
-        for name in ("active_request_ttl_s", "overlap_timeout_s", "prefill_timeout_s", "ack_timeout_s"):
+        for name in (
+            "active_request_ttl_s",
+            "overlap_timeout_s",
+            "prefill_timeout_s",
+            "ack_timeout_s",
+            "worker_probe_interval_s",
+        ):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be > 0, got {v}")

@@ -53,8 +53,18 @@ States (:class:`Phase`), in order; every request ends in exactly one of the last
     acked: nothing more is forwarded or sent, and pinned KV is freed with a ``Cancel`` to the
     prefill worker. (Cancels arriving before their request are remembered for a minute.)
 
-A worker that stopped answering (``no responders``) before it accepted anything is skipped and
-the next ranked candidate tried (at most ``MAX_ATTEMPTS`` per step).
+Faults (issue 6)
+----------------
+* The router acks every request on ``reply_to`` (``Ack(service="router")``, its instance id) on
+  receipt, and again with the decode worker's id once that one accepted it, so the frontend can
+  probe whoever holds the request (see ``tandem.services.frontend.token_stream``).
+* A worker that stopped answering (``no responders``), a prefill worker found gone by the
+  liveness probe while its prefill runs (``--worker-probe-interval``; no responders, or three
+  probes unanswered), a decode worker that does not ack in ``--ack-timeout-s`` (it gets a
+  ``Cancel``) or answers 503 (draining, short of KV blocks) is skipped and the next ranked
+  candidate tried (at most ``MAX_ATTEMPTS`` per step). A worker skipped that way is *suspect*:
+  left out of decisions until it heartbeats again (a restarted worker does at once).
+* No prefill worker answered: the request falls back to prefilling on its decode worker.
 
 Replicas: several routers may serve the queue group. They share the KV indexer's overlap answers
 and the instances bucket (worker list + heartbeat load); each keeps its own in-flight tracking
@@ -65,13 +75,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import msgspec
 from nats.aio.msg import Msg as NatsMsg
@@ -81,6 +92,8 @@ from tandem.protocol.messages import (
     Cancel,
     DecodeRequest,
     ErrorReply,
+    Health,
+    HealthRequest,
     InstanceInfo,
     OverlapQuery,
     OverlapScores,
@@ -95,6 +108,7 @@ from tandem.protocol.messages import (
 from tandem.services.runtime import (
     InstanceRegistry,
     NoRespondersError,
+    RemoteError,
     ServiceBase,
     ServiceError,
     publish,
@@ -106,7 +120,9 @@ from .scheduler import Decision, RouterScheduler, RoutingError
 
 SERVICE = "router"
 #: Tries per step (prefill, decode dispatch) when a chosen worker has no responders.
-MAX_ATTEMPTS = 2
+MAX_ATTEMPTS = 3
+#: Liveness probes in a row without an answer after which a prefill worker counts as gone.
+PROBE_MISSES = 3
 #: How long a Cancel that arrived before its request is remembered (seconds), and how many.
 EARLY_CANCEL_TTL_S = 60.0
 EARLY_CANCEL_MAX = 4096
@@ -141,6 +157,14 @@ class _Cancelled(Exception):
     """The request was cancelled while the router held it."""
 
 
+class _NoneAnswered(ServiceError):
+    """Every candidate of a step was gone or declined."""
+
+
+class WorkerLostError(NoRespondersError):
+    """A worker was found gone (or hung) while the router waited for it."""
+
+
 class PrefillRouter:
     """The router's state and handlers, attached to a started :class:`ServiceBase`."""
 
@@ -156,6 +180,11 @@ class PrefillRouter:
         self._requests: dict[str, _Request] = {}
         self._early_cancels: OrderedDict[str, float] = OrderedDict()
         self.counts: dict[str, int] = {p.value: 0 for p in Phase}
+        #: Workers found gone: instance id → wall time (s) they were; left out of decisions
+        #: until their heartbeat is newer than that.
+        self._suspects: dict[str, float] = {}
+        #: Requests re-routed to a local prefill because no prefill worker answered.
+        self.prefill_fallbacks = 0
 
     async def start(self) -> None:
         """Watch the instances bucket and serve ``router.generate``, ``cancel`` and
@@ -165,6 +194,7 @@ class PrefillRouter:
         await self.registry.start()
         svc.on_close(self.registry.stop)
         svc.readiness = self._readiness
+        svc.holds = self._requests.__contains__
         await svc.serve(svc.subjects.cancel, Cancel, self._on_cancel)
         await svc.serve(svc.subjects.request_finished, RequestFinished, self._on_finished)
         await svc.serve(svc.subjects.prefill_finished, PrefillFinished, self._on_prefilled)
@@ -183,11 +213,12 @@ class PrefillRouter:
         return out
 
     def _readiness(self) -> tuple[bool, str]:
-        infos = self.registry.instances.values()
+        """Ready iff a decode-capable worker is routable (what routing sees, not the bucket)."""
+        infos = self.live_instances().values()
         n_prefill = sum(1 for i in infos if i.can_prefill)
         n_decode = sum(1 for i in infos if i.can_decode)
         s = self.stats()
-        return True, (
+        return n_decode > 0, (
             f"prefill_workers={n_prefill} decode_workers={n_decode} inflight={len(self._requests)} "
             f"mode={self.config.router_mode} tracked={int(s['tracked'])} decisions={int(s['decisions'])} "
             f"decide_p50_us={s['p50_us']:.1f} decide_p99_us={s['p99_us']:.1f} "
@@ -222,6 +253,67 @@ class PrefillRouter:
 
     async def _on_worker_removed(self, info: InstanceInfo) -> None:
         self.scheduler.active.remove_worker(info.instance_id)
+        self._suspects.pop(info.instance_id, None)
+
+    def live_instances(self) -> dict[str, InstanceInfo]:
+        """The registered workers minus the suspects (gone since their last heartbeat)."""
+        instances = self.registry.instances
+        if self._suspects:
+            for iid, at in list(self._suspects.items()):
+                info = instances.get(iid)
+                if info is None:
+                    del self._suspects[iid]
+                elif info.heartbeat_at > at:
+                    del self._suspects[iid]  # it heartbeat since: back (e.g. restarted)
+                else:
+                    del instances[iid]
+        return instances
+
+    def _suspect(self, worker_id: str, why: str) -> None:
+        if worker_id not in self._suspects:
+            self.log.warning("worker_suspect", worker_id=worker_id, reason=why)
+        self._suspects[worker_id] = time.time()
+
+    async def _probe(self, worker_id: str) -> bool | None:
+        """Liveness of a worker: True (answered), False (no responders), None (no answer)."""
+        try:
+            await request(
+                self.svc.nc,
+                self.svc.subjects.worker_health(worker_id),
+                HealthRequest(),
+                Health,
+                timeout=self.config.worker_probe_interval_s,
+            )
+        except NoRespondersError:
+            return False
+        except RemoteError:
+            return True
+        except TimeoutError:
+            return None
+        return True
+
+    async def _watched(self, worker_id: str, work: Awaitable[T]) -> T:
+        """``await work`` while probing ``worker_id`` every ``--worker-probe-interval`` seconds;
+        raises :class:`WorkerLostError` (and cancels ``work``) once the worker is gone or missed
+        ``PROBE_MISSES`` probes in a row."""
+        task = asyncio.ensure_future(work)
+        misses = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.config.worker_probe_interval_s)
+                if done:
+                    return task.result()
+                alive = await self._probe(worker_id)
+                misses = misses + 1 if alive is None else 0
+                if task.done():
+                    return task.result()
+                if alive is False or misses >= PROBE_MISSES:
+                    raise WorkerLostError(self.svc.subjects.worker_health(worker_id))
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _check_cancelled(self, st: _Request) -> None:
         if st.cancelled:
@@ -240,6 +332,7 @@ class PrefillRouter:
             st.cancelled = True
         self._requests[req.request_id] = st
         try:
+            await self._ack(req, self.svc.instance_id, "router")
             await self._route(st)
         except _Cancelled:
             st.phase = Phase.CANCELLED
@@ -275,9 +368,7 @@ class PrefillRouter:
         self._check_cancelled(st)
         scores = await self._overlap(req)
         self._check_cancelled(st)
-        decision = self.scheduler.decide(
-            self.registry.instances, len(req.token_ids), req.block_hashes, scores
-        )
+        decision = self.scheduler.decide(self.live_instances(), len(req.token_ids), req.block_hashes, scores)
         self.log.debug(
             "routed",
             reason=decision.reason,
@@ -324,9 +415,14 @@ class PrefillRouter:
             self._check_cancelled(st)
             try:
                 return info, await attempt(info)
-            except NoRespondersError:
+            except NoRespondersError as e:
                 self.log.warning(f"{what}_worker_gone", worker_id=info.instance_id, attempt=n)
-        raise ServiceError(503, f"no {what} worker answered", type="service_unavailable")
+                self._suspect(info.instance_id, type(e).__name__)
+            except RemoteError as e:
+                if e.code != 503:
+                    raise
+                self.log.info(f"{what}_worker_declined", worker_id=info.instance_id, error=e.message)
+        raise _NoneAnswered(503, f"no {what} worker answered", type="service_unavailable")
 
     # ---- the two paths ---------------------------------------------------------------------------
 
@@ -358,12 +454,15 @@ class PrefillRouter:
             uncached = self.scheduler.uncached_tokens(info, n_tokens, d.scores)
             active.add(info, req.request_id, req.block_hashes, n_tokens, uncached, now=time.time())
             try:
-                return await request(
-                    self.svc.nc,
-                    self.svc.subjects.worker_prefill(info.instance_id),
-                    msg,
-                    PrefillResult,
-                    timeout=self.config.prefill_timeout_s,
+                return await self._watched(
+                    info.instance_id,
+                    request(
+                        self.svc.nc,
+                        self.svc.subjects.worker_prefill(info.instance_id),
+                        msg,
+                        PrefillResult,
+                        timeout=self.config.prefill_timeout_s,
+                    ),
                 )
             except TimeoutError:
                 st.prefill_worker = info.instance_id  # it may still finish and pin KV
@@ -371,7 +470,17 @@ class PrefillRouter:
             finally:
                 active.free(req.request_id, info.instance_id)
 
-        prefill, result = await self._try_candidates(st, prefill_ranked, prefill_on, "prefill")
+        try:
+            prefill, result = await self._try_candidates(st, prefill_ranked, prefill_on, "prefill")
+        except _NoneAnswered:
+            self.prefill_fallbacks += 1
+            self.log.warning("prefill_fallback_local", decode_worker=d.local[0].instance_id)
+            live = self.live_instances()
+            local = [i for i in d.local if i.instance_id in live]
+            if not local:
+                raise
+            await self._dispatch_local(st, dataclasses.replace(d, local=local, prefill=None))
+            return
         if result.kv is not None:
             st.prefill_worker = result.worker_id or prefill.instance_id
         self._check_cancelled(st)
@@ -414,7 +523,7 @@ class PrefillRouter:
             metrics=metrics,
         )
         ranked = self.scheduler.rank_decode(
-            self.registry.instances,
+            self.live_instances(),
             n_tokens,
             req.block_hashes,
             d.scores,
@@ -458,6 +567,11 @@ class PrefillRouter:
                     Ack,
                     timeout=self.config.ack_timeout_s,
                 )
+            except TimeoutError as e:
+                # Hung or gone: make sure it drops the request if it did take it, try the next.
+                active.free(msg.request_id, info.instance_id)
+                await self._cancel_on(info.instance_id, msg.request_id, "ack_timeout")
+                raise WorkerLostError(self.svc.subjects.worker_generate(info.instance_id)) from e
             except BaseException:
                 active.free(msg.request_id, info.instance_id)
                 raise
@@ -466,6 +580,7 @@ class PrefillRouter:
 
         _info, ack = await self._try_candidates(st, candidates, decode_on, "decode")
         st.phase = Phase.HANDED_OFF
+        await self._ack(st.req, ack.worker_id, "worker")
         if st.cancelled:  # the Cancel broadcast reached the worker too: it drops the request
             active.free(msg.request_id)
         self.log.debug(
@@ -476,6 +591,25 @@ class PrefillRouter:
         )
 
     # ---- replies --------------------------------------------------------------------------------------
+
+    async def _ack(self, req: RouteRequest, holder: str, service: Literal["router", "worker"]) -> None:
+        """Tell the frontend who holds the request now (its liveness probe target)."""
+        try:
+            await publish(
+                self.svc.nc, req.reply_to, Ack(request_id=req.request_id, worker_id=holder, service=service)
+            )
+        except Exception as e:
+            self.log.warning("ack_publish_failed", error=repr(e))
+
+    async def _cancel_on(self, worker_id: str, request_id: str, reason: str) -> None:
+        try:
+            await publish(
+                self.svc.nc,
+                self.svc.subjects.worker_cancel(worker_id),
+                Cancel(request_id=request_id, reason=f"router:{reason}"),
+            )
+        except Exception as e:
+            self.log.warning("cancel_publish_failed", worker_id=worker_id, error=repr(e))
 
     async def _send_chunk(self, st: _Request, chunk: TokenChunk) -> None:
         await publish(self.svc.nc, st.req.reply_to, chunk)
@@ -508,14 +642,16 @@ class PrefillRouter:
         if worker is None:
             return
         st.prefill_worker = None
-        try:
-            await publish(
-                self.svc.nc,
-                self.svc.subjects.worker_cancel(worker),
-                Cancel(request_id=st.req.request_id, reason=f"router:{reason}"),
-            )
-        except Exception as e:
-            self.log.warning("cancel_publish_failed", worker_id=worker, error=repr(e))
+        await self._cancel_on(worker, st.req.request_id, reason)
 
 
-__all__ = ["EARLY_CANCEL_MAX", "EARLY_CANCEL_TTL_S", "MAX_ATTEMPTS", "SERVICE", "Phase", "PrefillRouter"]
+__all__ = [
+    "EARLY_CANCEL_MAX",
+    "EARLY_CANCEL_TTL_S",
+    "MAX_ATTEMPTS",
+    "PROBE_MISSES",
+    "SERVICE",
+    "Phase",
+    "PrefillRouter",
+    "WorkerLostError",
+]

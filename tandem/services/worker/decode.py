@@ -27,6 +27,7 @@ it registers (connect, then a one-block READ into a block taken for the purpose)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import uuid
@@ -60,6 +61,8 @@ __all__ = ["DecodeHandler"]
 
 #: Longest the warm-up READ of a new peer's probe block may take (s).
 PROBE_TIMEOUT_S = 5.0
+#: How long a DecodeRequest waits for its prefill worker to appear in our registry view (s).
+PEER_WAIT_S = 1.0
 
 
 class DecodeHandler:
@@ -90,6 +93,13 @@ class DecodeHandler:
             problem = self._check_kv(req, kv)
             if problem:
                 return ErrorReply(code=400, message=problem, request_id=rid)
+            untrusted = await self._untrusted_source(req, kv)
+            if untrusted:
+                return ErrorReply(code=403, message=untrusted, request_id=rid, type="permission_denied")
+            short = self._short_of_blocks(kv)
+            if short:
+                # Decline before accepting: the router hands the request to another worker.
+                return ErrorReply(code=503, message=short, request_id=rid, type="kv_capacity")
         metrics = msgspec.structs.replace(req.metrics, decode_worker=w.id)
         if kv is not None and not metrics.prefill_worker and req.prefill_worker_id:
             metrics.prefill_worker = req.prefill_worker_id
@@ -105,6 +115,43 @@ class DecodeHandler:
             )
         w.spawn(self._run(entry, req), f"decode:{rid}")
         return Ack(request_id=rid, worker_id=w.id)
+
+    async def _untrusted_source(self, req: DecodeRequest, kv: KvTransferParams) -> str:
+        """Why the KV source is not trusted ('' if it is): a NIXL READ goes only to a registered
+        prefill worker whose agent name, metadata and compat hash are the ones in ``kv``, so a
+        forged ``DecodeRequest`` cannot point this worker's READ (and its prefix cache) at
+        foreign memory. Own KV (role ``both``) and the simulated transport need no check."""
+        w = self.w
+        registry = w.peer_registry
+        if registry is None or self.transport_for(kv) is not w.transport:
+            return ""
+        pid = req.prefill_worker_id or ""
+        if pid and pid not in registry:  # registered a moment ago: our watch may lag the router's
+            with contextlib.suppress(TimeoutError):
+                await registry.wait_for(lambda d: pid in d, timeout=PEER_WAIT_S)
+        peer = registry.get(pid)
+        if peer is None or not peer.can_prefill:
+            return f"KV source {req.prefill_worker_id!r} is not a registered prefill worker"
+        if (peer.nixl_agent_name, peer.nixl_metadata, peer.compat_hash) != (
+            kv.agent_name,
+            kv.agent_metadata,
+            kv.compat_hash,
+        ):
+            return f"KV descriptors do not match prefill worker {peer.instance_id!r}'s registration"
+        return ""
+
+    def _short_of_blocks(self, kv: KvTransferParams) -> str:
+        """Why the import cannot fit now ('' if it may): fewer free-or-evictable KV blocks, as of
+        the engine's last step, than the prompt needs plus one for the next token."""
+        w = self.w
+        stats = w.engine.snapshot.stats
+        if stats is None:
+            return ""
+        need = math.ceil(kv.num_tokens / w.block_size) + 1
+        free = int(stats.num_blocks) - int(stats.in_use)
+        if free >= need:
+            return ""
+        return f"not enough free KV blocks: {need} needed, {free} free"
 
     def _check_kv(self, req: DecodeRequest, kv: KvTransferParams) -> str:
         """Why ``kv`` cannot be imported here ('' if it can)."""
@@ -213,12 +260,17 @@ class DecodeHandler:
             )
         except (KvTransferError, ValueError, IndexError) as exc:
             w.log.warning("kv_transfer_failed", request_id=rid, transport=transport.kind, error=str(exc))
-            await w.engine.abort(rid)
-            await self._notify_quietly(transport, kv, notif)  # let the prefill side free early
             err = ErrorReply(
                 code=502, message=f"KV transfer failed: {exc}", request_id=rid, type="kv_transfer"
             )
+            # The client hears at once (and migrates); the blocks wait for the READ to let go.
             await self.finish(entry, "error", error=err)
+            released = exc.released if isinstance(exc, KvTransferError) else None
+            if released is not None:
+                w.log.warning("kv_read_in_flight", request_id=rid, note="blocks kept until released")
+                await released
+            await w.engine.abort(rid)
+            await self._notify_quietly(transport, kv, notif)  # let the prefill side free early
             return
         stream = entry.stream
         if stream is not None:
@@ -227,6 +279,8 @@ class DecodeHandler:
             )
         w.log.debug("kv_imported", request_id=rid, blocks=moved.blocks, reused=reused, ms=round(moved.ms, 3))
         if entry.cancelled or w.table.get(rid) is not entry or entry.phase is not Phase.IMPORTING:
+            # Cancelled during the READ (the cancel already answered the stream; the blocks were
+            # kept until now because the READ was writing them).
             await w.engine.abort(rid)
             await self.finish(entry, "abort")
             return

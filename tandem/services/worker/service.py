@@ -39,6 +39,8 @@ from tandem.protocol.messages import (
     Cancel,
     DecodeRequest,
     ErrorReply,
+    Health,
+    HealthRequest,
     InstanceInfo,
     Message,
     PrefillRequest,
@@ -171,6 +173,7 @@ class Worker:
                 await self._watch_peers()
         await svc.serve(s.worker_cancel(self.id), Cancel, self._on_cancel_msg)
         await svc.serve(s.worker_debug(self.id), WorkerStatsRequest, self._on_stats)
+        await svc.serve(s.worker_health(self.id), HealthRequest, self._on_health)
         self._registration = runtime.WorkerRegistration(
             svc.js, s, self._instance_info, interval_s=self.config.heartbeat_s
         )
@@ -221,6 +224,11 @@ class Worker:
         except NixlUnavailableError as exc:
             self.log.error("nixl_unavailable", error=str(exc))
             raise
+
+    @property
+    def peer_registry(self) -> runtime.InstanceRegistry | None:
+        """The registry view of the NIXL peers (decode side with NIXL only; None otherwise)."""
+        return self._registry
 
     async def _watch_peers(self) -> None:
         """Warm up the NIXL path to every prefill worker as it registers (see ``decode.warm_up``)."""
@@ -349,6 +357,20 @@ class Worker:
         if entry.phase is Phase.RUNNING:
             await self.engine.abort(request_id)
             await self.decode.finish(entry, "abort")
+        elif entry.phase is Phase.IMPORTING:
+            # Takes effect now (final chunk, RequestFinished); the import task frees the blocks
+            # once its READ returns, since the READ may still be writing them.
+            await self.decode.finish(entry, "abort")
+
+    async def _on_health(self, req: HealthRequest, _msg: NatsMsg) -> Health:
+        """Liveness, answered here on the event loop (a long engine step does not delay it);
+        ``holds``: whether ``req.request_id`` is still being served here."""
+        holds = None
+        if req.request_id:
+            entry = self.table.get(req.request_id)
+            holds = entry is not None and entry.phase is not Phase.FINISHED
+        ready = self.engine.started and not self.draining
+        return Health(service="worker", instance_id=self.id, ready=ready, holds=holds)
 
     async def _on_stats(self, req: WorkerStatsRequest, _msg: NatsMsg) -> WorkerStats:
         """Pool state, integrity check, RSS and counters."""
