@@ -194,6 +194,12 @@ class EngineConfig:
         mock_tokens: mock engine only: ``"random"`` (seeded by the request's sampling seed and
             the token position) or ``"echo"`` (the prompt, repeated). See
             :class:`tandem.engine.mock.MockExecutor`.
+        deterministic: model engine: batch-invariant forward pass and logits (vLLM's
+            batch-invariant mode, SGLang's ``--enable-deterministic-inference``): a request's
+            greedy and seeded tokens do not depend on its co-runners, on how its prompt was
+            chunked, on prefix-cache hits or on disaggregation (prefill and decode workers must
+            both run with it). Slower; see :mod:`tandem.engine.model`. The mock engine is
+            deterministic anyway and ignores it.
     """
 
     model_dir: str | None = option(
@@ -235,6 +241,11 @@ class EngineConfig:
     )
     mock_tokens: Literal["random", "echo"] = option(
         "random", help="mock engine: seeded random tokens, or the prompt echoed"
+    )
+    deterministic: bool = option(
+        False,
+        help="batch-invariant model engine: greedy and seeded outputs do not depend on batch "
+        "composition, chunked prefill, prefix-cache hits or disaggregation (slower)",
     )
 
     def __post_init__(self) -> None:

@@ -19,6 +19,12 @@ Three ways in:
   :meth:`LLMEngine.release_pinned`.
 * :meth:`LLMEngine.import_request` + :meth:`LLMEngine.activate_imported` — the decode side:
   allocate blocks, let the caller fill them (NIXL READ), then continue from the first token.
+
+Request isolation: whatever fails for one sequence inside a step (its sampling, its stop
+handling, or a forward pass that fails only when that sequence is in it) finishes that request
+alone with ``finish_reason="error"`` (its blocks freed, :attr:`RequestOutput.error` saying why);
+the rest of the batch goes on. Only a failure of the step itself (the scheduler, the block
+manager) raises from :meth:`LLMEngine.step`.
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from tandem.engine.config import SMOLLM2_135M_CONFIG, EngineConfig, ModelConfig
-from tandem.engine.executor import Executor
+from tandem.engine.executor import Executor, TokenResult
 from tandem.engine.sampling import validate_sampling
-from tandem.engine.scheduler import Scheduler, Sequence
+from tandem.engine.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus
 from tandem.kvbm.hashing import compute_block_hashes
 from tandem.kvbm.manager import KvCacheManager
 from tandem.protocol import SamplingParams
@@ -52,7 +58,8 @@ class RequestOutput:
         request_id: the request.
         new_token_ids: tokens sampled this step (0 or 1 of them).
         finish_reason: ``"stop"`` (a stop token, included in ``new_token_ids``), ``"length"``
-            (``max_tokens`` new tokens or ``max_model_len``), ``"abort"``; None while running,
+            (``max_tokens`` new tokens or ``max_model_len``), ``"abort"``, ``"error"`` (this
+            request failed on its own, see ``error``; its blocks are freed); None while running,
             and None on the last output of a ``prefill_only`` request whose KV is handed over.
         num_cached_tokens: prompt tokens that came from the prefix cache (or were imported).
         prefill_ms: wall time of the steps that computed the prompt, up to and including the
@@ -60,6 +67,8 @@ class RequestOutput:
         pinned_block_ids: for a ``prefill_only`` request that did not finish on its first token:
             the block ids (token order) holding the prompt's KV, pinned until
             :meth:`LLMEngine.release_pinned`. None otherwise.
+        error: set iff ``finish_reason == "error"``: what failed, one line
+            (``"<ExceptionType>: <message>"``).
     """
 
     request_id: str
@@ -68,6 +77,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prefill_ms: float = 0.0
     pinned_block_ids: list[int] | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -252,10 +262,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, and report.
 
-        Returns one :class:`RequestOutput` per request that sampled a token this step (plus any
-        aborted/finished-on-activation since the last step). Finished requests' blocks are
-        freed (still cached for prefix hits); newly full blocks are committed to the prefix
-        cache, which queues KV events in ``kv``. Returns ``[]`` when nothing can run.
+        Returns one :class:`RequestOutput` per request that sampled a token this step or failed
+        in it (``finish_reason="error"``: that request alone; see the module docstring), plus
+        any aborted/finished-on-activation since the last step. Finished and failed requests'
+        blocks are freed (still cached for prefix hits); newly full blocks are committed to the
+        prefix cache, which queues KV events in ``kv``. Returns ``[]`` when nothing can run.
         """
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
@@ -264,31 +275,74 @@ class LLMEngine:
         if sched.is_empty:
             return outputs
         t0 = time.perf_counter()
-        tokens = self.executor.execute(sched, self.kv)
+        results = self._execute(sched)
         self._last_step_simulated_s = self.executor.last_step_simulated_s
         # The step's duration as the caller sees it: wall time plus the simulated time it waits.
         step_ms = (time.perf_counter() - t0 + self._last_step_simulated_s) * 1e3
-        for item, token in zip(sched.scheduled, tokens, strict=True):
+        for item, result in zip(sched.scheduled, results, strict=True):
             seq = item.seq
             if seq.num_output_tokens == 0:  # still computing the prompt
                 seq.prefill_ms += step_ms
-            if token is not None:
-                seq.token_ids.append(token)
-        self.scheduler.commit(sched)  # num_computed_tokens advances; full blocks registered
-
-        for item, token in zip(sched.scheduled, tokens, strict=True):
-            if token is None:
-                continue
-            seq = item.seq
-            reason = self._stop_reason(seq, token)
-            if seq.prefill_only and reason is None:
-                pinned = self.scheduler.finish(seq, None, pin=True)
-                outputs.append(self._output(seq, [token], None, pinned))
-            else:
-                if reason is not None:
-                    self.scheduler.finish(seq, reason)
-                outputs.append(self._output(seq, [token], reason))
+            if isinstance(result, int):
+                seq.token_ids.append(result)
+        for i, item in enumerate(sched.scheduled):
+            try:  # num_computed_tokens advances; full blocks are registered (KV events)
+                self.scheduler.commit_item(item)
+            except Exception as exc:
+                results[i] = exc
+        for item, result in zip(sched.scheduled, results, strict=True):
+            if isinstance(result, Exception):
+                outputs.append(self._fail(item.seq, result))
+            elif result is not None:
+                try:
+                    outputs.append(self._after_token(item.seq, result))
+                except Exception as exc:
+                    outputs.append(self._fail(item.seq, exc))
         return outputs
+
+    def _execute(self, sched: SchedulerOutput) -> list[TokenResult]:
+        """Run ``sched``; if the whole step raises, run its items one by one, so that the
+        items whose own run raises fail alone (their slot holds the exception)."""
+        try:
+            return self.executor.execute(sched, self.kv)
+        except Exception as exc:
+            if len(sched.scheduled) == 1:
+                return [exc]
+        results: list[TokenResult] = []
+        simulated_s = 0.0
+        for item in sched.scheduled:
+            try:
+                (result,) = self.executor.execute(SchedulerOutput([item]), self.kv)
+            except Exception as exc:
+                result = exc
+            simulated_s += self.executor.last_step_simulated_s
+            results.append(result)
+        self.executor.last_step_simulated_s = simulated_s
+        return results
+
+    def _after_token(self, seq: Sequence, token: int) -> RequestOutput:
+        """The output of ``seq`` having sampled ``token`` (already appended); finishes it (or
+        pins its blocks: ``prefill_only``) when it stops."""
+        reason = self._stop_reason(seq, token)
+        if seq.prefill_only and reason is None:
+            pinned = self.scheduler.finish(seq, None, pin=True)
+            return self._output(seq, [token], None, pinned)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return self._output(seq, [token], reason)
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
+        """Finish ``seq`` alone, with ``finish_reason="error"``: out of every queue, its blocks
+        freed; its output says why."""
+        rid = seq.request_id
+        self._import_first_token.pop(rid, None)
+        if self.scheduler.abort(rid, reason="error") is None and self.kv.has_request(rid):
+            self.kv.free(rid)  # already out of the queues: a finish that failed half-way
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "error"
+        out = self._output(seq, [], "error")
+        out.error = f"{type(exc).__name__}: {exc}"
+        return out
 
     def has_unfinished(self) -> bool:
         """True while some request is waiting or running, or an output is pending.

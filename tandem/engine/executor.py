@@ -13,16 +13,24 @@ implementations:
 Both see exactly the same :class:`~tandem.engine.scheduler.SchedulerOutput` for the same inputs,
 so scheduling, KV events and routing are exercised for real with either.
 
+A failure that belongs to one sequence (its sampling raised, say) is returned in that
+sequence's slot as the exception (:data:`TokenResult`), never raised: the engine fails that
+request alone and the rest of the batch goes on.
+
 This module does not import torch.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
     from tandem.engine.scheduler import SchedulerOutput
     from tandem.kvbm.manager import KvCacheManager
+
+#: What a step gives one scheduled item: the sampled token id, None (the item does not sample:
+#: a non-final prefill chunk), or the exception that failed this sequence alone.
+TokenResult: TypeAlias = "int | Exception | None"
 
 
 @runtime_checkable
@@ -40,7 +48,7 @@ class Executor(Protocol):
     kv_cache: Any
     last_step_simulated_s: float
 
-    def execute(self, out: SchedulerOutput, kv: KvCacheManager) -> list[int | None]:
+    def execute(self, out: SchedulerOutput, kv: KvCacheManager) -> list[TokenResult]:
         """Compute one non-empty schedule.
 
         Args:
@@ -50,10 +58,12 @@ class Executor(Protocol):
 
         Returns:
             One entry per ``out.scheduled`` item: the sampled token id where the item samples
-            (``item.samples``), else None. Sequences are not modified.
+            (``item.samples``), else None; or the exception that failed this item alone (its
+            sampling raised). Sequences are not modified.
 
         Raises:
-            ValueError: ``out`` is empty.
+            ValueError: ``out`` is empty. Anything else raised fails the whole step (the engine
+            then retries its items one by one to find the failing ones).
         """
         ...
 

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import xxhash
 
 from tandem.engine.config import EngineConfig, ModelConfig
-from tandem.engine.executor import check_copy
+from tandem.engine.executor import TokenResult, check_copy
 from tandem.engine.scheduler import SchedulerOutput, Sequence
 from tandem.kvbm.manager import KvCacheManager
 
@@ -220,20 +220,27 @@ class MockExecutor:
         self.last_pass: PassCost | None = None
         self._echo: weakref.WeakKeyDictionary[Sequence, list[int]] = weakref.WeakKeyDictionary()
 
-    def execute(self, out: SchedulerOutput, kv: KvCacheManager) -> list[int | None]:
+    def execute(self, out: SchedulerOutput, kv: KvCacheManager) -> list[TokenResult]:
         """Pick the tokens of ``out`` and set :attr:`last_step_simulated_s` (see the class).
 
-        Raises ``ValueError`` if ``out`` is empty.
+        A sequence whose token cannot be picked (:meth:`token_at` raised) gets the exception in
+        its slot; the others their tokens. Raises ``ValueError`` if ``out`` is empty.
         """
         if out.is_empty:
             raise ValueError("nothing scheduled")
         usage = kv.stats().in_use / kv.num_blocks
         self.last_pass = pass_cost(out, usage, self.speedup_ratio)
         self.last_step_simulated_s = self.last_pass.simulated_s
-        return [
-            self.token_at(item.seq, item.start + item.num_tokens) if item.samples else None
-            for item in out.scheduled
-        ]
+        results: list[TokenResult] = []
+        for item in out.scheduled:
+            if not item.samples:
+                results.append(None)
+                continue
+            try:
+                results.append(self.token_at(item.seq, item.start + item.num_tokens))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     def token_at(self, seq: Sequence, position: int) -> int:
         """The token the mock samples at ``position`` (>= the prompt length) of ``seq``."""

@@ -343,10 +343,15 @@ class Scheduler:
         filled in the prefix cache (``kv.commit``, which emits KV events). Call once per step after
         the model ran and sampled tokens were appended."""
         for item in output.scheduled:
-            seq = item.seq
-            seq.num_computed_tokens = item.start + item.num_tokens
-            if seq.has_blocks:
-                self.kv.commit(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+            self.commit_item(item)
+
+    def commit_item(self, item: ScheduledSeq) -> None:
+        """:meth:`commit` for one scheduled item (the engine commits item by item, so that a
+        failure is that request's alone)."""
+        seq = item.seq
+        seq.num_computed_tokens = item.start + item.num_tokens
+        if seq.has_blocks:
+            self.kv.commit(seq.request_id, seq.token_ids, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence, reason: str | None, pin: bool = False) -> list[int] | None:
         """Take a running request out of the queues; free its blocks, or pin them and return them.
@@ -363,8 +368,12 @@ class Scheduler:
         self.kv.free(seq.request_id)
         return None
 
-    def abort(self, request_id: str) -> Sequence | None:
-        """Remove a request from whichever queue holds it and free its blocks; None if unknown."""
+    def abort(self, request_id: str, reason: str = "abort") -> Sequence | None:
+        """Remove a request from whichever queue holds it and free its blocks; None if unknown.
+
+        ``reason`` becomes its ``finish_reason`` (``"abort"``, or ``"error"`` for a request that
+        failed on its own).
+        """
         seq = self._requests.pop(request_id, None)
         if seq is None:
             return None
@@ -378,7 +387,7 @@ class Scheduler:
             self.kv.free(request_id)
             seq.has_blocks = False
         seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "abort"
+        seq.finish_reason = reason
         return seq
 
     # ---- queries ---------------------------------------------------------------------------------

@@ -203,6 +203,47 @@ def test_stop_token_finishes(make_engine, reference) -> None:
     assert got == reference[0, "greedy"][: reference[0, "greedy"].index(stop_at) + 1]
 
 
+def test_subnormal_temperature_is_greedy_and_isolated(make_engine, reference) -> None:
+    """temperature=1e-310 passes validation; it used to overflow the softmax to NaN, crash the
+    step and abort every request batched with it. Now it is greedy (below the 1e-5 floor)."""
+    eng = make_engine()
+    tiny = SamplingParams(temperature=1e-310, max_tokens=6, ignore_eos=True, seed=5)
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"g{i}", p, GREEDY)
+    eng.add_request("tiny", PROMPTS[1], tiny)
+    outs = drain(eng)
+    assert tokens(outs["tiny"]) == reference[1, "greedy"]
+    for i in range(len(PROMPTS)):
+        assert tokens(outs[f"g{i}"]) == reference[i, "greedy"]
+    assert all(o[-1].finish_reason == "length" for o in outs.values())
+
+
+def test_sampling_failure_fails_only_that_request(make_engine, reference, monkeypatch) -> None:
+    """The real executor: a request whose sampling raises (here: seed 666 is poisoned) finishes
+    with an error, its blocks freed; the others in its batch get exactly their tokens."""
+    from tandem.engine import sampling
+
+    real_sample = sampling.sample
+
+    def poisoned(logits, params, positions):
+        if any(p.seed == 666 for p in params):
+            raise FloatingPointError("poisoned")
+        return real_sample(logits, params, positions)
+
+    monkeypatch.setattr(sampling, "sample", poisoned)
+    eng = make_engine()
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"s{i}", p, SEEDED)
+    eng.add_request("bad", PROMPTS[2], SamplingParams(temperature=0.5, max_tokens=6, seed=666))
+    outs = drain(eng)
+    assert outs["bad"][-1].finish_reason == "error"
+    assert outs["bad"][-1].error == "FloatingPointError: poisoned"
+    assert tokens(outs["bad"]) == []
+    for i in range(len(PROMPTS)):
+        assert tokens(outs[f"s{i}"]) == reference[i, "seeded"]
+    # make_engine's teardown checks the pool: integrity, nothing in use
+
+
 def drain(eng: LLMEngine) -> dict[str, list[RequestOutput]]:
     outs: dict[str, list[RequestOutput]] = {}
     while eng.has_unfinished():

@@ -700,3 +700,20 @@ async def test_router_not_ready_without_a_decode_worker(env: Env) -> None:
     assert router.svc.readiness()[0] is False
     await env.add_worker(FakeWorker("d1", "decode"))
     assert router.svc.readiness()[0] is True
+
+
+async def test_decode_worker_lost_before_acking_is_noticed_by_the_probe(env: Env) -> None:
+    async def hang(_req: DecodeRequest) -> None:
+        await asyncio.sleep(30)
+
+    await env.add_worker(FakeWorker("p1", "prefill"))
+    d1 = await env.add_worker(FakeWorker("d1", "decode", decode_hook=hang, alive=False))
+    d2 = await env.add_worker(FakeWorker("d2", "decode"))
+    await env.start_router(router_mode="round-robin", ack_timeout_s=30.0, worker_probe_interval_s=0.2)
+    t0 = time.monotonic()
+    await env.route(40)
+    await env.route(40)
+    await eventually(lambda: len(d2.decodes) == 2, 3.0)
+    assert time.monotonic() - t0 < 2.0  # the probe, not the 30 s Ack timeout
+    assert len(d1.decodes) == 1
+    await eventually(lambda: len(d1.cancels) == 1)

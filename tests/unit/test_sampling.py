@@ -7,7 +7,15 @@ import collections
 import pytest
 import torch
 
-from tandem.engine.sampling import sample, uniform, validate_sampling
+from tandem.engine.sampling import (
+    MIN_TEMPERATURE,
+    SamplingError,
+    is_greedy,
+    sample,
+    sample_each,
+    uniform,
+    validate_sampling,
+)
 from tandem.protocol import SamplingParams
 
 VOCAB = 1000
@@ -116,3 +124,69 @@ def test_validate_rejects_bad_params(params: SamplingParams) -> None:
 
 def test_validate_accepts_defaults() -> None:
     validate_sampling(SamplingParams())
+
+
+# ---- request isolation: one row's parameters or logits never fail the others ------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-300, 1e-6, MIN_TEMPERATURE / 2])
+def test_tiny_temperature_is_greedy(temperature: float) -> None:
+    # 1e-310 is subnormal: logits / 1e-310 overflow to inf and the softmax to NaN (it used to
+    # crash the step and every request batched with it).
+    logits = _logits(3, seed=5)
+    params = [SamplingParams(temperature=temperature, seed=s) for s in range(3)]
+    validate_sampling(params[0])
+    assert all(is_greedy(p) for p in params)
+    assert sample(logits, params, [7, 8, 9]) == logits.argmax(dim=-1).tolist()
+
+
+def test_temperature_at_the_floor_samples_with_finite_probabilities() -> None:
+    logits = _logits(2, seed=6) * 1e6  # huge logits, divided by the smallest allowed temperature
+    params = [SamplingParams(temperature=MIN_TEMPERATURE, seed=s) for s in range(2)]
+    assert not is_greedy(params[0])
+    assert sample(logits, params, [0, 1]) == logits.argmax(dim=-1).tolist()  # all mass on the best
+
+
+def test_infinite_logits_are_sampled_not_nan() -> None:
+    logits = torch.full((2, VOCAB), float("-inf"))
+    logits[0, [3, 10]] = float("inf")  # two +inf tokens share the mass
+    logits[1, 42] = 0.0  # a single finite token among -inf
+    params = [SamplingParams(temperature=1.0, seed=s) for s in range(2)]
+    draws = {sample(logits[:1], [SamplingParams(seed=s)], [0])[0] for s in range(50)}
+    assert draws == {3, 10}
+    assert sample(logits, params, [0, 0])[1] == 42
+
+
+def test_nan_logits_fail_the_batch_but_sample_each_fails_only_that_row() -> None:
+    logits = _logits(4, seed=7)
+    logits[2, 17] = float("nan")
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(seed=1),
+        SamplingParams(seed=2),
+        SamplingParams(seed=3),
+    ]
+    positions = [5, 6, 7, 8]
+    with pytest.raises(SamplingError):
+        sample(logits, params, positions)
+    results = sample_each(logits, params, positions)
+    assert isinstance(results[2], SamplingError)
+    for i in (0, 1, 3):
+        assert results[i] == sample(logits[i : i + 1], [params[i]], [positions[i]])[0]
+
+
+def test_all_minus_inf_row_fails_alone() -> None:
+    logits = _logits(2, seed=8)
+    logits[0] = float("-inf")
+    params = [SamplingParams(seed=1), SamplingParams(seed=2)]
+    results = sample_each(logits, params, [0, 1])
+    assert isinstance(results[0], SamplingError)
+    assert results[1] == sample(logits[1:], params[1:], [1])[0]
+
+
+def test_sample_each_without_failures_equals_sample() -> None:
+    logits = _logits(5, seed=9)
+    params = [SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=s) for s in range(5)]
+    assert sample_each(logits, params, list(range(5))) == sample(logits, params, list(range(5)))
+    with pytest.raises(ValueError):
+        sample_each(logits, params[:2], [0, 1])  # a caller bug, not a row's failure

@@ -58,12 +58,13 @@ Faults (issue 6)
 * The router acks every request on ``reply_to`` (``Ack(service="router")``, its instance id) on
   receipt, and again with the decode worker's id once that one accepted it, so the frontend can
   probe whoever holds the request (see ``tandem.services.frontend.token_stream``).
-* A worker that stopped answering (``no responders``), a prefill worker found gone by the
-  liveness probe while its prefill runs (``--worker-probe-interval``; no responders, or three
-  probes unanswered), a decode worker that does not ack in ``--ack-timeout-s`` (it gets a
-  ``Cancel``) or answers 503 (draining, short of KV blocks) is skipped and the next ranked
-  candidate tried (at most ``MAX_ATTEMPTS`` per step). A worker skipped that way is *suspect*:
-  left out of decisions until it heartbeats again (a restarted worker does at once).
+* A worker that stopped answering (``no responders``), a worker found gone by the liveness
+  probe while the router waits for its prefill or its ``Ack`` (``--worker-probe-interval``; no
+  responders, or three probes unanswered), a decode worker that does not ack in
+  ``--ack-timeout-s`` (it gets a ``Cancel``) or answers 503 (draining, short of KV blocks) is
+  skipped and the next ranked candidate tried (at most ``MAX_ATTEMPTS`` per step). A worker
+  skipped that way is *suspect*: left out of decisions until it heartbeats again (a restarted
+  worker does at once).
 * No prefill worker answered: the request falls back to prefilling on its decode worker.
 
 Replicas: several routers may serve the queue group. They share the KV indexer's overlap answers
@@ -560,13 +561,21 @@ class PrefillRouter:
                 prefill_until_heartbeat=local_prefill,
             )
             try:
-                ack = await request(
-                    self.svc.nc,
-                    self.svc.subjects.worker_generate(info.instance_id),
-                    msg,
-                    Ack,
-                    timeout=self.config.ack_timeout_s,
+                # Watched too: a worker killed after the request reached it never acks.
+                ack = await self._watched(
+                    info.instance_id,
+                    request(
+                        self.svc.nc,
+                        self.svc.subjects.worker_generate(info.instance_id),
+                        msg,
+                        Ack,
+                        timeout=self.config.ack_timeout_s,
+                    ),
                 )
+            except WorkerLostError:
+                active.free(msg.request_id, info.instance_id)
+                await self._cancel_on(info.instance_id, msg.request_id, "worker_lost")
+                raise
             except TimeoutError as e:
                 # Hung or gone: make sure it drops the request if it did take it, try the next.
                 active.free(msg.request_id, info.instance_id)

@@ -315,7 +315,15 @@ class DecodeHandler:
                     self.w.subjects.prefill_finished,
                     PrefillFinished(request_id=entry.request_id, worker_id=self.w.id),
                 )
-        if out.finish_reason is not None:
+        if out.finish_reason == "error":  # this request alone failed in the engine step
+            err = ErrorReply(
+                code=500,
+                message=f"generation failed: {out.error or 'engine error'}",
+                request_id=entry.request_id,
+                type="internal_error",
+            )
+            await self.finish(entry, "error", list(out.new_token_ids), error=err)
+        elif out.finish_reason is not None:
             await self.finish(entry, finish_reason(out.finish_reason), list(out.new_token_ids))
         elif out.new_token_ids:
             if not stream.unsent:

@@ -26,6 +26,13 @@ to the worker on the asyncio loop, in order.
 The step loop awaits ``step()`` while the engine has work and sleeps on an event when idle; a
 step that could run nothing (waiting for pinned or importing blocks) backs off briefly. After
 the outputs of a step it waited out (or of the last step of a burst) it calls ``on_flush``.
+
+Request isolation: a request that fails on its own inside a step (its sampling or stop handling
+raised, a poisoned parameter) comes out of ``step()`` as an ordinary output with
+``finish_reason="error"`` and ``error`` set; the engine has already freed its blocks and the rest
+of the batch went on. It reaches ``on_outputs`` like any other (the worker answers that request
+alone: a final chunk with ``finish_reason="error"``, or an error reply to its prefill) and is
+logged here (``request_failed``). ``on_failure`` is only for a step that failed as a whole.
 """
 
 from __future__ import annotations
@@ -135,8 +142,9 @@ class EngineClient:
     ) -> None:
         """Start the step loop: ``await on_outputs(outputs)`` after each step that produced
         any, then ``await on_flush()`` unless the step is part of a burst that goes on (mock
-        engine, see the module docstring); ``await on_failure(message)`` after a step raised
-        (the loop keeps going)."""
+        engine, see the module docstring); ``await on_failure(message)`` after a step raised as
+        a whole (the loop keeps going). A request that failed alone arrives in ``on_outputs``
+        (``finish_reason="error"``, see the module docstring)."""
         self._task = asyncio.get_running_loop().create_task(
             self._run(on_outputs, on_failure, on_flush), name="engine-loop"
         )
@@ -270,6 +278,9 @@ class EngineClient:
                 continue
             if snapshot is not None:
                 self._snapshot_value = snapshot
+            for out in outputs:
+                if out.error is not None:
+                    self.log.warning("request_failed", request_id=out.request_id, error=out.error)
             if self.mock:
                 now = time.perf_counter()
                 wait_s = simulated_s - (now - t0)

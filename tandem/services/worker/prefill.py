@@ -77,6 +77,9 @@ class PrefillHandler:
             self._forget(entry)
             if entry.cancelled or out.finish_reason == "abort":
                 return ErrorReply(code=499, message="cancelled", request_id=rid, type="aborted")
+            if out.finish_reason == "error":  # this request alone failed in the engine step
+                msg = f"prefill failed: {out.error or 'engine error'}"
+                return ErrorReply(code=500, message=msg, request_id=rid, type="internal_error")
             return ErrorReply(code=500, message="prefill produced no token", request_id=rid)
         result = PrefillResult(
             request_id=rid,
