@@ -29,8 +29,9 @@ needs them), so it can kill and restart any single process. Then:
 Scenarios (``--scenarios``): ``decode_killed`` (2 decode workers, one killed: requests migrate),
 ``prefill_killed`` (2 prefill workers, one killed), ``decode_restarted`` (the only decode worker
 killed, restarted 1 s later), ``indexer_restarted``, ``router_killed`` (2 router replicas, one
-killed), ``nats_restarted``. CI runs a 2-client × 10-request version of each
-(``tests/e2e/test_faults.py``).
+killed), ``nats_restarted``; and ``none`` (no fault: two runs of the same requests, e.g. to
+count outputs that differ between them without ``--deterministic``). CI runs a 2-client ×
+10-request version of each fault (``tests/e2e/test_faults.py``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ SCENARIOS = (
     "indexer_restarted",
     "router_killed",
     "nats_restarted",
+    "none",
 )
 #: Per scenario: topology flags (on top of the engine flags) and the process to hit.
 TOPOLOGY: dict[str, tuple[list[str], str]] = {
@@ -77,6 +79,7 @@ TOPOLOGY: dict[str, tuple[list[str], str]] = {
     "indexer_restarted": (["--prefill", "1", "--decode", "2"], "indexer"),
     "router_killed": (["--prefill", "1", "--decode", "2"], "router"),
     "nats_restarted": (["--prefill", "1", "--decode", "2"], "nats"),
+    "none": (["--prefill", "1", "--decode", "2"], ""),
 }
 MODEL = "smollm2-135m-instruct"
 
@@ -387,6 +390,8 @@ async def served_again(
 
 
 async def inject(topo: Topology, scenario: str, target: str) -> None:
+    if scenario == "none":
+        return
     if scenario == "nats_restarted":
         topo.nats.kill()
         await asyncio.sleep(2.0)
@@ -496,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
-    names = SCENARIOS if args.scenarios == "all" else tuple(args.scenarios.split(","))
+    names = SCENARIOS[:-1] if args.scenarios == "all" else tuple(args.scenarios.split(","))
     for n in names:
         if n not in SCENARIOS:
             raise SystemExit(f"unknown scenario {n!r}")

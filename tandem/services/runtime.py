@@ -646,6 +646,11 @@ class InstanceRegistry:
         """Current instances (a copy)."""
         return dict(self._instances)
 
+    @property
+    def view(self) -> Mapping[str, InstanceInfo]:
+        """Current instances, not copied: read it at once (it changes as the watch runs)."""
+        return self._instances
+
     def get(self, instance_id: str) -> InstanceInfo | None:
         return self._instances.get(instance_id)
 

@@ -37,6 +37,15 @@ capacity) or ``active_prefill_tokens > active_prefill_tokens_threshold`` (*token
 thresholds are off. Busy workers are not candidates; when every candidate is busy the request
 is refused (503 + ``Retry-After``) rather than queued.
 
+Candidates are column-wise (:class:`Candidates`: the ids and one int64 row per other
+:class:`WorkerState` field, in candidate order), so a decision over hundreds of workers costs a
+few array operations, not one Python object per worker; indexing a :class:`Candidates` builds
+the :class:`WorkerState` of one candidate. Every policy ranks positions (``rank``); ``select``
+maps them back to states. The array forms compute exactly what the per-worker forms compute
+(the same IEEE operations in the same order, the same rng draws), so a seeded rng gives the same
+ranking either way (``tests/unit/test_router_equivalence.py`` checks this against the
+per-worker implementation).
+
 Conditional disaggregation (:func:`disagg_decision`; Dynamo's ``PyDisaggregatedRouter`` in
 ``examples/llm/components/disagg_router.py``: remote iff ``prefill_length >
 max_local_prefill_length and queue_size < max_prefill_queue_size``): prefill remotely only if
@@ -48,12 +57,14 @@ worker (which is not busy, so it has spare capacity) prefills locally.
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, get_args
+from typing import Literal, NamedTuple, Protocol, get_args, overload
+
+import numpy as np
+import numpy.typing as npt
 
 RouterMode = Literal["kv", "round-robin", "random", "power-of-two", "least-loaded"]
 ROUTER_MODES: tuple[str, ...] = get_args(RouterMode)
@@ -95,6 +106,143 @@ class PolicyRequest(NamedTuple):
     prompt_tokens: int
 
 
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+#: Rows of :attr:`Candidates.cols`: the :class:`WorkerState` fields after ``instance_id``.
+(
+    BLOCK_SIZE,
+    NUM_BLOCKS,
+    OVERLAP_BLOCKS,
+    ACTIVE_DECODE_BLOCKS,
+    ACTIVE_PREFILL_TOKENS,
+    ACTIVE_REQUESTS,
+    NEW_BLOCKS,
+) = range(7)
+
+
+class Candidates(Sequence[WorkerState]):
+    """The candidates of one pool, column-wise: ``ids`` (an object array of instance ids) and
+    ``cols`` (int64, 7 × n: one row per :class:`WorkerState` field after the id, in field
+    order), in candidate order. Indexing builds that candidate's :class:`WorkerState` (plain
+    ints); policies read the rows (``block_size``, ``active_requests``, …) or :meth:`kv_costs`.
+
+    A pool is usually a *view* (:meth:`view`): positions of a larger ``Candidates`` (every worker
+    of the decision). Its columns are gathered on first use only, and its ``kv`` costs are
+    gathered from the larger one's, which computes them once per request and weights for all of
+    its views (the local and prefill pools of a decision share them).
+    """
+
+    __slots__ = ("_cols", "_costs", "_ids", "_pos", "_src")
+
+    def __init__(self, ids: npt.NDArray[np.object_], cols: IntArray) -> None:
+        self._ids: npt.NDArray[np.object_] | None = ids
+        self._cols: IntArray | None = cols
+        self._src: Candidates | None = None
+        self._pos: npt.NDArray[np.intp] | None = None
+        self._costs: dict[tuple[int, KvWeights], FloatArray] | None = None
+
+    @classmethod
+    def view(cls, src: Candidates, pos: npt.NDArray[np.intp]) -> Candidates:
+        """The candidates of ``src`` at positions ``pos`` (in that order)."""
+        c = cls.__new__(cls)
+        c._ids = c._cols = c._costs = None
+        c._src, c._pos = src, pos
+        return c
+
+    @classmethod
+    def of(cls, states: Sequence[WorkerState]) -> Candidates:
+        """The columns of ``states``."""
+        ids = np.empty(len(states), dtype=object)
+        ids[:] = [w[0] for w in states]
+        rows = np.array([w[1:] for w in states], dtype=np.int64).reshape(len(states), 7)
+        return cls(ids, np.ascontiguousarray(rows.T))
+
+    @classmethod
+    def empty(cls) -> Candidates:
+        return cls(np.empty(0, dtype=object), np.zeros((7, 0), dtype=np.int64))
+
+    @property
+    def ids(self) -> npt.NDArray[np.object_]:
+        if self._ids is None:
+            assert self._src is not None and self._pos is not None
+            self._ids = self._src.ids[self._pos]
+        return self._ids
+
+    @property
+    def cols(self) -> IntArray:
+        if self._cols is None:
+            assert self._src is not None and self._pos is not None
+            self._cols = self._src.cols[:, self._pos]
+        return self._cols
+
+    def _row(self, row: int) -> IntArray:
+        out: IntArray = self.cols[row]
+        return out
+
+    @property
+    def block_size(self) -> IntArray:
+        return self._row(BLOCK_SIZE)
+
+    @property
+    def num_blocks(self) -> IntArray:
+        return self._row(NUM_BLOCKS)
+
+    @property
+    def overlap_blocks(self) -> IntArray:
+        return self._row(OVERLAP_BLOCKS)
+
+    @property
+    def active_decode_blocks(self) -> IntArray:
+        return self._row(ACTIVE_DECODE_BLOCKS)
+
+    @property
+    def active_prefill_tokens(self) -> IntArray:
+        return self._row(ACTIVE_PREFILL_TOKENS)
+
+    @property
+    def active_requests(self) -> IntArray:
+        return self._row(ACTIVE_REQUESTS)
+
+    @property
+    def new_blocks(self) -> IntArray:
+        return self._row(NEW_BLOCKS)
+
+    def kv_costs(self, request: PolicyRequest, weights: KvWeights) -> FloatArray:
+        """:func:`kv_costs` of these candidates (a new array: the caller may change it)."""
+        if self._src is not None:
+            return self._src._shared_costs(request, weights)[self._pos]
+        return kv_costs(request, self, weights)
+
+    def _shared_costs(self, request: PolicyRequest, weights: KvWeights) -> FloatArray:
+        key = (request.prompt_tokens, weights)
+        if self._costs is None:
+            self._costs = {}
+        costs = self._costs.get(key)
+        if costs is None:
+            costs = self._costs[key] = kv_costs(request, self, weights)
+        return costs
+
+    def __len__(self) -> int:
+        return len(self._pos) if self._pos is not None else len(self.ids)
+
+    @overload
+    def __getitem__(self, j: int) -> WorkerState: ...
+    @overload
+    def __getitem__(self, j: slice) -> list[WorkerState]: ...
+    def __getitem__(self, j: int | slice) -> WorkerState | list[WorkerState]:
+        if isinstance(j, slice):
+            return [self[k] for k in range(len(self))[j]]
+        if self._cols is None and self._src is not None and self._pos is not None:
+            return self._src[int(self._pos[j])]
+        return WorkerState(self.ids[j], *self.cols[:, j].tolist())
+
+    def __iter__(self) -> Iterator[WorkerState]:
+        return (self[j] for j in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"Candidates({list(self)!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class KvWeights:
     """The ``kv`` cost's knobs (see the module docstring)."""
@@ -111,13 +259,29 @@ class KvWeights:
 class RoutingPolicy(Protocol):
     """Ranks the candidates of one pool for one request, best first (never empty for a
     non-empty input; the first is the choice, the rest are fall-backs in order). ``limit``: at
-    most that many (None = all); the first is the same either way."""
+    most that many (None = all); the first is the same either way. ``rank`` returns positions
+    in ``candidates``; ``select`` the states."""
 
     name: str
+
+    def rank(self, request: PolicyRequest, candidates: Candidates, limit: int | None = None) -> list[int]: ...
 
     def select(
         self, request: PolicyRequest, candidates: Sequence[WorkerState], limit: int | None = None
     ) -> list[WorkerState]: ...
+
+
+class _Ranking:
+    """``select`` in terms of ``rank`` (shared by the policies below)."""
+
+    def rank(self, request: PolicyRequest, candidates: Candidates, limit: int | None = None) -> list[int]:
+        raise NotImplementedError
+
+    def select(
+        self, request: PolicyRequest, candidates: Sequence[WorkerState], limit: int | None = None
+    ) -> list[WorkerState]:
+        cands = candidates if isinstance(candidates, Candidates) else Candidates.of(candidates)
+        return [candidates[j] for j in self.rank(request, cands, limit)]
 
 
 def kv_cost(request: PolicyRequest, w: WorkerState, weights: KvWeights) -> float:
@@ -128,6 +292,22 @@ def kv_cost(request: PolicyRequest, w: WorkerState, weights: KvWeights) -> float
     if prefill_blocks < 0.0:
         prefill_blocks = 0.0
     return weights.prefill_load_scale * prefill_blocks + w.active_decode_blocks + w.new_blocks
+
+
+def kv_costs(request: PolicyRequest, c: Candidates, weights: KvWeights) -> npt.NDArray[np.float64]:
+    """Dynamo's ``worker_logit`` of every candidate (lower is better), as an array.
+
+    The same IEEE operations in the same order as the per-worker form
+    ``scale × max(0, (prefill_tokens + isl) / (block_size or 1) − credit × overlap) + decode_blocks
+    + new_blocks`` evaluated in Python floats (ints convert exactly below 2**53), so the costs,
+    their ties and their order are bit for bit those of the per-worker loop."""
+    bs = c.block_size
+    if not bs.all():
+        bs = np.where(bs == 0, 1, bs)
+    raw_prefill_blocks = (c.active_prefill_tokens + request.prompt_tokens) / bs
+    x = raw_prefill_blocks - weights.overlap_score_credit * c.overlap_blocks
+    # np.where(x > 0, x, 0) is Python's max(0.0, x) (0.0 for x <= 0, and for NaN).
+    return weights.prefill_load_scale * np.where(x > 0.0, x, 0.0) + c.active_decode_blocks + c.new_blocks
 
 
 def softmax_sample(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
@@ -159,7 +339,7 @@ def softmax_sample(costs: Sequence[float], temperature: float, rng: random.Rando
     return len(costs) - 1
 
 
-class KvPolicy:
+class KvPolicy(_Ranking):
     """``kv`` mode: Dynamo's cost (:func:`kv_cost`) with argmin or softmax sampling."""
 
     name = "kv"
@@ -169,33 +349,32 @@ class KvPolicy:
         self.rng = rng or random.Random()
 
     def costs(self, request: PolicyRequest, candidates: Sequence[WorkerState]) -> list[float]:
-        """:func:`kv_cost` of every candidate, in order (inlined: this is the hot loop)."""
-        wt = self.weights
-        scale, credit, isl = wt.prefill_load_scale, wt.overlap_score_credit, request.prompt_tokens
-        # w = (id, block_size, num_blocks, overlap, decode blocks, prefill tokens, requests, new)
-        return [
-            scale * max(0.0, (w[5] + isl) / (w[1] or 1) - credit * w[3]) + w[4] + w[7] for w in candidates
-        ]
+        """:func:`kv_cost` of every candidate, in order."""
+        cands = candidates if isinstance(candidates, Candidates) else Candidates.of(candidates)
+        return cands.kv_costs(request, self.weights).tolist() if len(cands) else []
 
-    def select(
-        self, request: PolicyRequest, candidates: Sequence[WorkerState], limit: int | None = None
-    ) -> list[WorkerState]:
-        if not candidates:
+    def rank(self, request: PolicyRequest, candidates: Candidates, limit: int | None = None) -> list[int]:
+        n = len(candidates)
+        if n == 0:
             return []
-        costs = self.costs(request, candidates)
-        chosen = softmax_sample(costs, self.weights.temperature, self.rng)
-        n = len(candidates) if limit is None else min(limit, len(candidates))
-        if n <= 1:
-            return [candidates[chosen]]
+        costs = candidates.kv_costs(request, self.weights)
+        temperature = self.weights.temperature
+        if temperature > 0.0:
+            chosen = softmax_sample(costs.tolist(), temperature, self.rng)
+        else:  # softmax_sample's argmin branch, on the array: the minimum, ties at random
+            ties = np.flatnonzero(costs == costs.min())
+            chosen = int(ties[0] if len(ties) == 1 else ties[self.rng.randrange(len(ties))])
+        m = n if limit is None else min(limit, n)
+        if m <= 1:
+            return [chosen]
         # Fall-backs: ascending cost (equal costs in input order).
         costs[chosen] = math.inf
-        if n == 2:
-            return [candidates[chosen], candidates[costs.index(min(costs))]]
-        order = sorted(range(len(costs)), key=costs.__getitem__)[: n - 1]
-        return [candidates[chosen], *(candidates[i] for i in order)]
+        if m == 2:
+            return [chosen, int(costs.argmin())]  # argmin: the first of equal minima
+        return [chosen, *np.argsort(costs, kind="stable")[: m - 1].tolist()]
 
 
-class RoundRobinPolicy:
+class RoundRobinPolicy(_Ranking):
     """``round-robin`` mode: the next candidate by instance id, cycling (per policy instance)."""
 
     name = "round-robin"
@@ -203,18 +382,17 @@ class RoundRobinPolicy:
     def __init__(self, weights: KvWeights | None = None, rng: random.Random | None = None) -> None:
         self.counter = 0
 
-    def select(
-        self, request: PolicyRequest, candidates: Sequence[WorkerState], limit: int | None = None
-    ) -> list[WorkerState]:
-        if not candidates:
+    def rank(self, request: PolicyRequest, candidates: Candidates, limit: int | None = None) -> list[int]:
+        n = len(candidates)
+        if n == 0:
             return []
-        ordered = sorted(candidates, key=lambda w: w.instance_id)
-        k = self.counter % len(ordered)
+        ordered: list[int] = np.argsort(candidates.ids, kind="stable").tolist()  # by instance id
+        k = self.counter % n
         self.counter += 1
         return (ordered[k:] + ordered[:k])[:limit]
 
 
-class RandomPolicy:
+class RandomPolicy(_Ranking):
     """``random`` mode: a uniformly random candidate (fall-backs in random order too)."""
 
     name = "random"
@@ -222,18 +400,14 @@ class RandomPolicy:
     def __init__(self, weights: KvWeights | None = None, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
 
-    def select(
-        self, request: PolicyRequest, candidates: Sequence[WorkerState], limit: int | None = None
-    ) -> list[WorkerState]:
-        n = len(candidates) if limit is None else min(limit, len(candidates))
-        return self.rng.sample(list(candidates), n)
+    def rank(self, request: PolicyRequest, candidates: Candidates, limit: int | None = None) -> list[int]:
+        n = len(candidates)
+        # random.sample draws positions from len(population) alone: sampling range(n) picks the
+        # positions sampling the candidates themselves would.
+        return self.rng.sample(range(n), n if limit is None else min(limit, n))
 
 
-def _load_key(w: WorkerState) -> tuple[int, int]:
-    return (w.active_requests, w.active_decode_blocks)
-
-
-class PowerOfTwoPolicy:
+class PowerOfTwoPolicy(_Ranking):
     """``power-of-two`` mode: two distinct random candidates; the one with fewer in-flight
     requests (then fewer active blocks) wins, the other is the fall-back."""
 
@@ -242,17 +416,17 @@ class PowerOfTwoPolicy:
     def __init__(self, weights: KvWeights | None = None, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
 
-    def select(
-        self, request: PolicyRequest, candidates: Sequence[WorkerState], limit: int | None = None
-    ) -> list[WorkerState]:
-        if len(candidates) <= 1:
-            return list(candidates)
-        i, j = self.rng.sample(range(len(candidates)), 2)
-        a, b = candidates[i], candidates[j]
-        return ([b, a] if _load_key(b) < _load_key(a) else [a, b])[:limit]
+    def rank(self, request: PolicyRequest, candidates: Candidates, limit: int | None = None) -> list[int]:
+        n = len(candidates)
+        if n <= 1:
+            return list(range(n))
+        i, j = self.rng.sample(range(n), 2)
+        req, blk = candidates.active_requests, candidates.active_decode_blocks
+        b_first = (int(req[j]), int(blk[j])) < (int(req[i]), int(blk[i]))
+        return ([j, i] if b_first else [i, j])[:limit]
 
 
-class LeastLoadedPolicy:
+class LeastLoadedPolicy(_Ranking):
     """``least-loaded`` mode: fewest in-flight requests, then fewest active blocks; ties at random."""
 
     name = "least-loaded"
@@ -260,13 +434,16 @@ class LeastLoadedPolicy:
     def __init__(self, weights: KvWeights | None = None, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
 
-    def select(
-        self, request: PolicyRequest, candidates: Sequence[WorkerState], limit: int | None = None
-    ) -> list[WorkerState]:
+    def rank(self, request: PolicyRequest, candidates: Candidates, limit: int | None = None) -> list[int]:
+        n = len(candidates)
+        # Sort keys (requests, blocks, one random() per candidate in order, position).
         rnd = self.rng.random
-        keyed = [(w.active_requests, w.active_decode_blocks, rnd(), k) for k, w in enumerate(candidates)]
-        top = sorted(keyed) if limit is None else heapq.nsmallest(limit, keyed)
-        return [candidates[t[3]] for t in top]
+        draws = np.array([rnd() for _ in range(n)], dtype=np.float64)
+        if limit is not None and limit <= 0:
+            return []  # as heapq.nsmallest(limit, ...)
+        order = np.lexsort((np.arange(n), draws, candidates.active_decode_blocks, candidates.active_requests))
+        top: list[int] = (order if limit is None else order[:limit]).tolist()
+        return top
 
 
 PolicyFactory = Callable[[KvWeights, random.Random], RoutingPolicy]
@@ -311,11 +488,18 @@ class BusyThresholds:
 
 def is_busy(w: WorkerState, th: BusyThresholds) -> bool:
     """Whether ``w`` is over a threshold (see the module docstring)."""
+    return over_thresholds(th, w.num_blocks, w.active_decode_blocks, w.active_prefill_tokens)
+
+
+def over_thresholds(
+    th: BusyThresholds, num_blocks: int, active_decode_blocks: int, active_prefill_tokens: int
+) -> bool:
+    """:func:`is_busy` of a worker with these figures."""
     frac = th.active_decode_blocks
-    if frac is not None and w.num_blocks > 0 and w.active_decode_blocks > frac * w.num_blocks:
+    if frac is not None and num_blocks > 0 and active_decode_blocks > frac * num_blocks:
         return True
     tokens = th.active_prefill_tokens
-    return tokens is not None and w.active_prefill_tokens > tokens
+    return tokens is not None and active_prefill_tokens > tokens
 
 
 def split_busy(
@@ -376,6 +560,7 @@ __all__ = [
     "POLICIES",
     "ROUTER_MODES",
     "BusyThresholds",
+    "Candidates",
     "DisaggDecision",
     "KvPolicy",
     "KvWeights",
@@ -390,7 +575,9 @@ __all__ = [
     "disagg_decision",
     "is_busy",
     "kv_cost",
+    "kv_costs",
     "make_policy",
+    "over_thresholds",
     "softmax_sample",
     "split_busy",
 ]

@@ -213,7 +213,7 @@ class RouterScheduler:
         pre_infos = [by_id[s[0]] for s in pre_ranked]
         first = pre_infos[0]
         compat, pid = first.compat_hash, first.instance_id
-        if not any(by_id[s[0]].compat_hash == compat and s[0] != pid for s in pools.decode):
+        if not any(by_id[wid].compat_hash == compat and wid != pid for wid in pools.decode.ids):
             return Decision(local_infos, None, "no_compatible_decode", dict(scores))
         return Decision(local_infos, pre_infos, "remote", dict(scores))
 
@@ -232,25 +232,23 @@ class RouterScheduler:
         request was admitted and already has its first token). Timed into :attr:`timer`."""
         t0 = time.perf_counter_ns()
         try:
-            infos = [
-                i
-                for i in (instances.values() if isinstance(instances, Mapping) else instances)
-                if i.compat_hash == compat_hash and i.instance_id != prefill_worker
-            ]
-            by_id = {i.instance_id: i for i in infos}
+            by_id = _by_id(instances)
             pools = self.active.pools(
-                infos,
+                by_id.values(),
                 scores,
                 block_hashes,
                 num_tokens,
                 time.time() if now is None else now,
                 decode_only=True,
                 ignore_busy=True,  # admitted already
+                compat_hash=compat_hash,
+                exclude=prefill_worker,
             )
             if not pools.decode:
                 return []
-            ranked = self.decode_policy.select(PolicyRequest(num_tokens), pools.decode, self.max_attempts)
-            return [by_id[s[0]] for s in ranked]
+            ranked = self.decode_policy.rank(PolicyRequest(num_tokens), pools.decode, self.max_attempts)
+            ids = pools.decode.ids
+            return [by_id[ids[j]] for j in ranked]
         finally:
             self.timer.record(time.perf_counter_ns() - t0)
 

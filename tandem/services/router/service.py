@@ -81,7 +81,7 @@ import enum
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -256,8 +256,11 @@ class PrefillRouter:
         self.scheduler.active.remove_worker(info.instance_id)
         self._suspects.pop(info.instance_id, None)
 
-    def live_instances(self) -> dict[str, InstanceInfo]:
-        """The registered workers minus the suspects (gone since their last heartbeat)."""
+    def live_instances(self) -> Mapping[str, InstanceInfo]:
+        """The registered workers minus the suspects (gone since their last heartbeat); not a
+        copy unless there are suspects (read it at once)."""
+        if not self._suspects:
+            return self.registry.view
         instances = self.registry.instances
         if self._suspects:
             for iid, at in list(self._suspects.items()):
