@@ -190,7 +190,10 @@ class RouterScheduler:
                     f"all {pools.decode_busy} decode-capable workers are busy, retry later",
                     retry_after_s=cfg.busy_retry_after_s,
                 )
-            raise RoutingError(503, "no decode-capable worker is registered")
+            # Retry-After: a worker restarting (the launcher supervises them) is back in seconds.
+            raise RoutingError(
+                503, "no decode-capable worker is registered", retry_after_s=cfg.busy_retry_after_s
+            )
         req = PolicyRequest(num_tokens)
         k = self.max_attempts
         local_ranked = self.local_policy.select(req, pools.decode, k)
