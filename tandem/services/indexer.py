@@ -4,7 +4,7 @@ Life cycle
 ----------
 1. **start** — connect (:class:`~tandem.services.runtime.ServiceBase`), make sure the KV-events
    stream and the instances bucket exist, load the registered workers
-   (:class:`~tandem.services.runtime.InstanceRegistry`), open (or create) the snapshot object
+   (:class:`~tandem.services.discovery.InstanceRegistry`), open (or create) the snapshot object
    store ``{ns}-indexer-snapshot`` (:func:`snapshot_bucket`). Health: ``ready=False``.
 2. **restore** — load the stored :class:`~tandem.protocol.messages.IndexerSnapshot` (the radix
    tree after applying the stream up to sequence ``stream_seq``) into the empty tree (either
@@ -84,8 +84,8 @@ from tandem.protocol.messages import (
     OverlapScores,
     encode,
 )
+from tandem.services.discovery import InstanceRegistry
 from tandem.services.runtime import (
-    InstanceRegistry,
     ServiceBase,
     common_parser,
     decode_as,

@@ -652,7 +652,7 @@ async def wait_workers(
     """
     import nats
 
-    from tandem.services.runtime import InstanceRegistry
+    from tandem.services.discovery import InstanceRegistry
 
     want = set(instance_ids)
     nc = await nats.connect(nats_url, name="tandem-launcher", **_login(auth))

@@ -12,8 +12,7 @@ Every tandem process (frontend, router, indexer, worker) is built from these pie
   raises :class:`RemoteError` for an ``ErrorReply``, :class:`NoRespondersError` (503) when nobody
   listens and :class:`RequestTimeoutError` (a ``TimeoutError``) on timeout.
 * :func:`ensure_jetstream` — idempotently create the KV-events stream and the instances bucket.
-* :class:`InstanceRegistry` — watch the instances bucket (discovery); :class:`WorkerRegistration`
-  — a worker's heartbeat into it.
+* Discovery (the instances bucket and heartbeats) is in :mod:`tandem.services.discovery`.
 * :func:`setup_logging`, :func:`setup_tracing` — structlog JSON lines on stderr, OpenTelemetry.
 * :class:`ServiceBase`, :func:`run_service`, :func:`common_parser` — process life cycle: uvloop,
   health responder, ``event="ready"`` log line, SIGINT/SIGTERM → graceful shutdown, exit 0.
@@ -34,9 +33,8 @@ import logging
 import os
 import signal
 import sys
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -58,20 +56,18 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tandem.protocol import DEFAULT_NAMESPACE, Subjects
-from tandem.protocol.messages import ErrorReply, Health, HealthRequest, InstanceInfo, Message, encode
+from tandem.protocol.messages import ErrorReply, Health, HealthRequest, Message, encode
 from tandem.services.auth import NatsAuth, add_auth_arguments, redact_url
 
 __all__ = [
     "DEFAULT_NATS_URL",
     "Handler",
-    "InstanceRegistry",
     "NoRespondersError",
     "RemoteError",
     "RequestTimeoutError",
     "ServiceBase",
     "ServiceError",
     "TaskTracker",
-    "WorkerRegistration",
     "common_parser",
     "connect",
     "decode_as",
@@ -80,6 +76,7 @@ __all__ = [
     "get_logger",
     "get_tracer",
     "inject_headers",
+    "probe_liveness",
     "publish",
     "request",
     "run_service",
@@ -549,6 +546,22 @@ async def request(
         return reply
 
 
+async def probe_liveness(nc: NatsClient, subject: str, timeout: float, request_id: str = "") -> bool | None:  # noqa: ASYNC109
+    """Liveness of the one instance serving ``subject`` (a ``HealthRequest`` responder): True if
+    it answered (and, when ``request_id`` is given, still holds that request), False if nobody
+    listens (a dead process: NATS says so at once) or it no longer holds the request, None if
+    no answer came within ``timeout`` seconds (a miss; a hung process misses repeatedly)."""
+    try:
+        health = await request(nc, subject, HealthRequest(request_id=request_id), Health, timeout=timeout)
+    except NoRespondersError:
+        return False
+    except RemoteError:
+        return True  # it answered, with an error
+    except TimeoutError:
+        return None
+    return health.holds is not False
+
+
 async def publish(nc: NatsClient, subject: str, msg: Message, headers: dict[str, str] | None = None) -> None:
     """Publish ``msg`` to ``subject`` with the current trace context in the headers (fire and forget)."""
     await nc.publish(subject, encode(msg), headers=inject_headers(dict(headers) if headers else None))
@@ -591,288 +604,6 @@ async def ensure_jetstream(
             return await js.create_key_value(bucket=subjects.instances_bucket, history=1, ttl=instance_ttl_s)
         except nats.js.errors.BadRequestError:
             return await js.key_value(subjects.instances_bucket)
-
-
-# ---- discovery ------------------------------------------------------------------------------------------
-
-InstanceCallback = Callable[[InstanceInfo], Awaitable[None]]
-
-
-class InstanceRegistry:
-    """Live view of the ``{ns}-instances`` bucket: ``instance_id -> InstanceInfo``.
-
-    :meth:`start` loads the current entries (returns once the initial values are in) and keeps
-    watching. An entry disappears on delete/purge, or when its ``heartbeat_at`` (Unix seconds,
-    the worker's clock) is more than ``ttl_s`` seconds old (checked every ``sweep_interval_s``).
-    Callbacks (``on_added`` when an id appears, ``on_removed`` when it goes) run in the watcher
-    task, in order; their exceptions are logged.
-
-    Reconnects: while the NATS connection is down nothing is swept (workers cannot heartbeat
-    either). Once it is back the registry re-syncs: a fresh watcher loads the bucket again
-    (entries deleted meanwhile go, new ones come), and stale heartbeats are forgiven for
-    ``ttl_s`` so the workers have time to beat again. Without this a 2 s NATS restart emptied
-    every router's worker list ~8 s later.
-    """
-
-    def __init__(
-        self,
-        js: JetStreamContext,
-        subjects: Subjects,
-        *,
-        ttl_s: float = INSTANCE_TTL_S,
-        sweep_interval_s: float = 0.5,
-    ) -> None:
-        self._js = js
-        self._subjects = subjects
-        self.ttl_s = ttl_s
-        self._sweep_interval_s = sweep_interval_s
-        self._instances: dict[str, InstanceInfo] = {}
-        self._added_cbs: list[InstanceCallback] = []
-        self._removed_cbs: list[InstanceCallback] = []
-        self._changed = asyncio.Condition()
-        self._watcher: Any = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._watch_task: asyncio.Task[None] | None = None
-        self._log = _log.bind(bucket=subjects.instances_bucket)
-        # JetStreamContext keeps its connection as ``_nc``: its state gates the sweep.
-        self._nc: NatsClient | None = getattr(js, "_nc", None)
-        self._grace_until = 0.0
-        #: Times the registry re-synced after a reconnect.
-        self.resyncs = 0
-
-    # -- queries
-    @property
-    def instances(self) -> dict[str, InstanceInfo]:
-        """Current instances (a copy)."""
-        return dict(self._instances)
-
-    @property
-    def view(self) -> Mapping[str, InstanceInfo]:
-        """Current instances, not copied: read it at once (it changes as the watch runs)."""
-        return self._instances
-
-    def get(self, instance_id: str) -> InstanceInfo | None:
-        return self._instances.get(instance_id)
-
-    def __len__(self) -> int:
-        return len(self._instances)
-
-    def __contains__(self, instance_id: object) -> bool:
-        return instance_id in self._instances
-
-    def on_added(self, cb: InstanceCallback) -> None:
-        """Call ``await cb(info)`` whenever a new instance id appears (not on every heartbeat)."""
-        self._added_cbs.append(cb)
-
-    def on_removed(self, cb: InstanceCallback) -> None:
-        """Call ``await cb(last_info)`` whenever an instance goes (delete, purge or stale heartbeat)."""
-        self._removed_cbs.append(cb)
-
-    async def wait_for(
-        self,
-        predicate: Callable[[dict[str, InstanceInfo]], bool],
-        timeout: float,  # noqa: ASYNC109
-    ) -> None:
-        """Wait until ``predicate(instances)`` is true. Raises ``TimeoutError`` after ``timeout`` s."""
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: predicate(self._instances))
-
-    # -- life cycle
-    async def start(self, *, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-        """Create the bucket if needed, load the current entries and start watching.
-
-        Raises ``TimeoutError`` if the initial values do not arrive within ``timeout`` seconds.
-        """
-        initial = asyncio.Event()
-        await self._open_watch(initial)
-        self._tasks.append(asyncio.create_task(self._sweep(), name="registry-sweep"))
-        try:
-            async with asyncio.timeout(timeout):
-                await initial.wait()
-        except TimeoutError:
-            await self.stop()
-            raise
-
-    async def _open_watch(self, initial: asyncio.Event, *, resync: bool = False) -> None:
-        kv = await ensure_jetstream(self._js, self._subjects)
-        self._watcher = await kv.watchall()
-        self._watch_task = asyncio.create_task(self._watch(initial, resync=resync), name="registry-watch")
-
-    async def _close_watch(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
-            self._watcher = None
-        task, self._watch_task = self._watch_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            await asyncio.wait([task], timeout=2.0)
-
-    async def resync(self) -> None:
-        """Reload the bucket with a fresh watcher (after a reconnect): ids missing from it are
-        removed, new ones added; heartbeats are forgiven for ``ttl_s``. Errors are logged and
-        retried at the next sweep."""
-        self._grace_until = time.monotonic() + self.ttl_s
-        await self._close_watch()
-        self.resyncs += 1
-        try:
-            await self._open_watch(asyncio.Event(), resync=True)
-        except Exception as e:
-            self._log.warning("registry_resync_failed", error=repr(e))
-            self._resync_needed = True
-            return
-        self._log.info("registry_resynced", instances=len(self._instances))
-
-    _resync_needed = False
-
-    async def stop(self) -> None:
-        """Stop watching (idempotent). The last known instances stay readable."""
-        await self._close_watch()
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
-
-    async def _watch(self, initial: asyncio.Event, *, resync: bool = False) -> None:
-        watcher = self._watcher
-        seen: set[str] | None = set() if resync else None
-        async for entry in watcher:
-            if entry is None:  # initial values delivered
-                initial.set()
-                if seen is not None:
-                    for iid in [i for i in self._instances if i not in seen]:
-                        await self._remove(iid, reason="gone_after_reconnect")
-                    seen = None
-                continue
-            if seen is not None:
-                seen.add(entry.key)
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                await self._remove(entry.key, reason="deleted")
-                continue
-            try:
-                info = decode_as(InstanceInfo, entry.value)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                self._log.warning("bad_instance_entry", key=entry.key, error=str(e))
-                continue
-            if info.instance_id != entry.key:
-                # Permissions let a worker write only its own key: an entry naming another id
-                # would let it impersonate that worker.
-                self._log.warning("instance_entry_key_mismatch", key=entry.key, instance_id=info.instance_id)
-                continue
-            if self._is_stale(info, time.time()):
-                await self._remove(entry.key, reason="stale")
-                continue
-            await self._put(info)
-        initial.set()
-
-    def _is_stale(self, info: InstanceInfo, now: float) -> bool:
-        if time.monotonic() < self._grace_until:
-            return False
-        return now - info.heartbeat_at > self.ttl_s
-
-    async def _sweep(self) -> None:
-        was_down = False
-        while True:
-            await asyncio.sleep(self._sweep_interval_s)
-            nc = self._nc
-            if nc is not None and not nc.is_connected:
-                was_down = True  # nobody can heartbeat now: sweep nothing
-                continue
-            if was_down or self._resync_needed:
-                was_down = self._resync_needed = False
-                await self.resync()
-            now = time.time()
-            for iid, info in list(self._instances.items()):
-                if self._is_stale(info, now):
-                    await self._remove(iid, reason="heartbeat_timeout")
-
-    async def _put(self, info: InstanceInfo) -> None:
-        is_new = info.instance_id not in self._instances
-        self._instances[info.instance_id] = info
-        if is_new:
-            self._log.info("instance_added", instance_id=info.instance_id, role=info.role)
-            await self._run_callbacks(self._added_cbs, info)
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def _remove(self, instance_id: str, *, reason: str) -> None:
-        info = self._instances.pop(instance_id, None)
-        if info is None:
-            return
-        self._log.info("instance_removed", instance_id=instance_id, reason=reason)
-        await self._run_callbacks(self._removed_cbs, info)
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def _run_callbacks(self, cbs: Iterable[InstanceCallback], info: InstanceInfo) -> None:
-        for cb in cbs:
-            try:
-                await cb(info)
-            except Exception as e:
-                self._log.exception("registry_callback_failed", instance_id=info.instance_id, error=repr(e))
-
-
-class WorkerRegistration:
-    """A worker's heartbeat: put ``info_factory()`` (with ``heartbeat_at`` = now) under its
-    instance id every ``interval_s`` seconds; delete the entry on :meth:`stop`.
-    """
-
-    def __init__(
-        self,
-        js: JetStreamContext,
-        subjects: Subjects,
-        info_factory: Callable[[], InstanceInfo],
-        *,
-        interval_s: float = HEARTBEAT_INTERVAL_S,
-    ) -> None:
-        self._js = js
-        self._subjects = subjects
-        self._info_factory = info_factory
-        self.interval_s = interval_s
-        self._kv: KeyValue | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._key: str | None = None
-
-    async def start(self) -> None:
-        """Put the first entry (so the worker is discoverable when this returns) and start beating.
-
-        Raises the JetStream error if the first put fails.
-        """
-        self._kv = await ensure_jetstream(self._js, self._subjects)
-        await self._beat()
-        self._task = asyncio.create_task(self._loop(), name="worker-heartbeat")
-
-    async def _beat(self) -> None:
-        if self._kv is None:
-            return
-        info = msgspec.structs.replace(self._info_factory(), heartbeat_at=time.time())
-        self._key = info.instance_id
-        await self._kv.put(info.instance_id, encode(info))
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self._beat()
-            except Exception as e:  # transient (reconnecting); next beat retries
-                _log.warning("heartbeat_failed", error=repr(e))
-                with contextlib.suppress(Exception):  # a restarted server may have lost the bucket
-                    self._kv = await ensure_jetstream(self._js, self._subjects)
-
-    async def stop(self) -> None:
-        """Stop beating and delete the entry (idempotent; errors are logged)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._kv is not None and self._key is not None:
-            try:
-                await self._kv.delete(self._key)
-            except Exception as e:
-                _log.warning("unregister_failed", instance_id=self._key, error=repr(e))
-        self._kv = None
 
 
 # ---- process life cycle ---------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import pytest
 from tandem.protocol import Subjects
 from tandem.protocol.messages import InstanceInfo
 from tandem.services.auth import NatsAuth, password_file
-from tandem.services.runtime import InstanceRegistry
+from tandem.services.discovery import InstanceRegistry
 from tests.conftest import REPO, free_port
 from tests.e2e.conftest import launcher_env, log_tails
 

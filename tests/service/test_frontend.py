@@ -48,6 +48,7 @@ from tandem.protocol.messages import (
     encode,
 )
 from tandem.services import runtime
+from tandem.services.discovery import InstanceRegistry
 from tandem.services.frontend import (
     Frontend,
     FrontendConfig,
@@ -59,7 +60,7 @@ from tandem.services.frontend import (
 from tandem.services.frontend.preprocess import PromptEncoder
 from tandem.services.frontend.render import DONE, renderer_for, stream_batches
 from tandem.services.frontend.service import parse_args
-from tandem.services.runtime import InstanceRegistry, TaskTracker, connect, ensure_jetstream, serve
+from tandem.services.runtime import TaskTracker, connect, ensure_jetstream, serve
 from tests.conftest import free_port
 
 MODEL = "smollm2-135m-instruct"

@@ -29,8 +29,9 @@ from tandem.protocol.messages import (
     StoredBlock,
     encode,
 )
+from tandem.services.discovery import WorkerRegistration
 from tandem.services.indexer import IndexerConfig, KvIndexer
-from tandem.services.runtime import NoRespondersError, ServiceBase, WorkerRegistration, connect, request
+from tandem.services.runtime import NoRespondersError, ServiceBase, connect, request
 from tests.service.util import eventually
 
 

@@ -32,6 +32,7 @@ from tandem.protocol.messages import (
     RadixTreeState,
     encode,
 )
+from tandem.services.discovery import WorkerRegistration
 from tandem.services.indexer import (
     CREATED_HEADER,
     SEQ_HEADER,
@@ -39,7 +40,7 @@ from tandem.services.indexer import (
     KvIndexer,
     snapshot_bucket,
 )
-from tandem.services.runtime import WorkerRegistration, ensure_jetstream, request
+from tandem.services.runtime import ensure_jetstream, request
 from tests.service.test_indexer import NO_SNAPSHOTS, Indexers, scores, stored
 from tests.service.util import eventually
 

@@ -27,15 +27,14 @@ from tandem.protocol.messages import (
     encode,
 )
 from tandem.services import runtime
+from tandem.services.discovery import InstanceRegistry, WorkerRegistration
 from tandem.services.runtime import (
-    InstanceRegistry,
     NoRespondersError,
     RemoteError,
     RequestTimeoutError,
     ServiceBase,
     ServiceError,
     TaskTracker,
-    WorkerRegistration,
     ensure_jetstream,
     request,
     serve,

@@ -34,6 +34,7 @@ from tandem.kvbm.hashing import compute_block_hashes
 from tandem.protocol import Subjects
 from tandem.protocol.messages import Health, HealthRequest, SamplingParams
 from tandem.protocol.openai import ModelCard, ModelList
+from tandem.services.discovery import InstanceRegistry
 from tandem.services.frontend.config import FrontendConfig
 from tandem.services.frontend.edge import Admission
 from tandem.services.frontend.generation import Generation
@@ -45,13 +46,12 @@ from tandem.services.frontend.preprocess import PreparedRequest, Preprocessor, R
 from tandem.services.frontend.render import renderer_for, stream_batches, stream_chunks
 from tandem.services.frontend.token_stream import InboxMux, TokenStream
 from tandem.services.runtime import (
-    InstanceRegistry,
-    NoRespondersError,
     RemoteError,
     ServiceBase,
     TaskTracker,
     common_parser,
     get_logger,
+    probe_liveness,
     request,
     run_service,
 )
@@ -243,16 +243,7 @@ class Frontend:
             subject = self.subjects.worker_health(instance_id)
         else:
             subject = self.subjects.health_instance(service, instance_id)
-        probe = HealthRequest(request_id=request_id)
-        try:
-            health = await request(self.nc, subject, probe, Health, timeout=self.config.liveness_interval_s)
-        except NoRespondersError:
-            return False
-        except RemoteError:
-            return True  # it answered, with an error
-        except TimeoutError:
-            return None
-        return health.holds is not False
+        return await probe_liveness(self.nc, subject, self.config.liveness_interval_s, request_id)
 
     def generation(self, prepared: PreparedRequest) -> Generation:
         """A :class:`Generation` for ``prepared`` (use with ``async with``)."""

@@ -93,8 +93,6 @@ from tandem.protocol.messages import (
     Cancel,
     DecodeRequest,
     ErrorReply,
-    Health,
-    HealthRequest,
     InstanceInfo,
     OverlapQuery,
     OverlapScores,
@@ -106,12 +104,13 @@ from tandem.protocol.messages import (
     RouteRequest,
     TokenChunk,
 )
+from tandem.services.discovery import InstanceRegistry
 from tandem.services.runtime import (
-    InstanceRegistry,
     NoRespondersError,
     RemoteError,
     ServiceBase,
     ServiceError,
+    probe_liveness,
     publish,
     request,
 )
@@ -262,15 +261,14 @@ class PrefillRouter:
         if not self._suspects:
             return self.registry.view
         instances = self.registry.instances
-        if self._suspects:
-            for iid, at in list(self._suspects.items()):
-                info = instances.get(iid)
-                if info is None:
-                    del self._suspects[iid]
-                elif info.heartbeat_at > at:
-                    del self._suspects[iid]  # it heartbeat since: back (e.g. restarted)
-                else:
-                    del instances[iid]
+        for iid, at in list(self._suspects.items()):
+            info = instances.get(iid)
+            if info is None:
+                del self._suspects[iid]
+            elif info.heartbeat_at > at:
+                del self._suspects[iid]  # it heartbeat since: back (e.g. restarted)
+            else:
+                del instances[iid]
         return instances
 
     def _suspect(self, worker_id: str, why: str) -> None:
@@ -280,21 +278,8 @@ class PrefillRouter:
 
     async def _probe(self, worker_id: str) -> bool | None:
         """Liveness of a worker: True (answered), False (no responders), None (no answer)."""
-        try:
-            await request(
-                self.svc.nc,
-                self.svc.subjects.worker_health(worker_id),
-                HealthRequest(),
-                Health,
-                timeout=self.config.worker_probe_interval_s,
-            )
-        except NoRespondersError:
-            return False
-        except RemoteError:
-            return True
-        except TimeoutError:
-            return None
-        return True
+        subject = self.svc.subjects.worker_health(worker_id)
+        return await probe_liveness(self.svc.nc, subject, self.config.worker_probe_interval_s)
 
     async def _watched(self, worker_id: str, work: Awaitable[T]) -> T:
         """``await work`` while probing ``worker_id`` every ``--worker-probe-interval`` seconds;

@@ -49,7 +49,7 @@ from tandem.protocol.messages import (
     WorkerStatsRequest,
     encode,
 )
-from tandem.services import runtime
+from tandem.services import discovery, runtime
 from tandem.services.worker.config import WorkerConfig, worker_ids
 from tandem.services.worker.decode import DecodeHandler
 from tandem.services.worker.engine_client import EngineClient
@@ -115,8 +115,8 @@ class Worker:
         self.num_blocks = 0
         self.compat_hash = ""
         self.draining = False
-        self._registration: runtime.WorkerRegistration | None = None
-        self._registry: runtime.InstanceRegistry | None = None
+        self._registration: discovery.WorkerRegistration | None = None
+        self._registry: discovery.InstanceRegistry | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -174,7 +174,7 @@ class Worker:
         await svc.serve(s.worker_cancel(self.id), Cancel, self._on_cancel_msg)
         await svc.serve(s.worker_debug(self.id), WorkerStatsRequest, self._on_stats)
         await svc.serve(s.worker_health(self.id), HealthRequest, self._on_health)
-        self._registration = runtime.WorkerRegistration(
+        self._registration = discovery.WorkerRegistration(
             svc.js, s, self._instance_info, interval_s=self.config.heartbeat_s
         )
         await self._registration.start()
@@ -226,13 +226,13 @@ class Worker:
             raise
 
     @property
-    def peer_registry(self) -> runtime.InstanceRegistry | None:
+    def peer_registry(self) -> discovery.InstanceRegistry | None:
         """The registry view of the NIXL peers (decode side with NIXL only; None otherwise)."""
         return self._registry
 
     async def _watch_peers(self) -> None:
         """Warm up the NIXL path to every prefill worker as it registers (see ``decode.warm_up``)."""
-        registry = runtime.InstanceRegistry(self.svc.js, self.subjects)
+        registry = discovery.InstanceRegistry(self.svc.js, self.subjects)
         self._registry = registry
 
         async def added(info: InstanceInfo) -> None:
