@@ -29,9 +29,11 @@ needs them), so it can kill and restart any single process. Then:
 Scenarios (``--scenarios``): ``decode_killed`` (2 decode workers, one killed: requests migrate),
 ``prefill_killed`` (2 prefill workers, one killed), ``decode_restarted`` (the only decode worker
 killed, restarted 1 s later), ``indexer_restarted``, ``router_killed`` (2 router replicas, one
-killed), ``nats_restarted``; and ``none`` (no fault: two runs of the same requests, e.g. to
-count outputs that differ between them without ``--deterministic``). CI runs a 2-client ×
-10-request version of each fault (``tests/e2e/test_faults.py``).
+killed), ``nats_restarted``, ``nats_node_killed`` (a 3-node JetStream cluster, every stream and
+bucket R3; the node leading the KV-events stream is killed and stays down); and ``none`` (no
+fault: two runs of the same requests, e.g. to count outputs that differ between them without
+``--deterministic``). CI runs a 2-client × 10-request version of each fault
+(``tests/e2e/test_faults.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ if str(REPO) not in sys.path:
 
 from tandem.protocol import Subjects  # noqa: E402
 from tandem.protocol.messages import ErrorReply, InstanceInfo, WorkerStats, WorkerStatsRequest, encode  # noqa: E402
+from tandem.services.auth import server_list  # noqa: E402
 from tandem.services.launch_plan import ProcessSpec, child_env, parse_args, plan_processes  # noqa: E402
 
 SCENARIOS = (
@@ -69,6 +72,7 @@ SCENARIOS = (
     "indexer_restarted",
     "router_killed",
     "nats_restarted",
+    "nats_node_killed",
     "none",
 )
 #: Per scenario: topology flags (on top of the engine flags) and the process to hit.
@@ -79,6 +83,7 @@ TOPOLOGY: dict[str, tuple[list[str], str]] = {
     "indexer_restarted": (["--prefill", "1", "--decode", "2"], "indexer"),
     "router_killed": (["--prefill", "1", "--decode", "2"], "router"),
     "nats_restarted": (["--prefill", "1", "--decode", "2"], "nats"),
+    "nats_node_killed": (["--prefill", "1", "--decode", "2", "--nats-cluster", "3"], "nats"),
     "none": (["--prefill", "1", "--decode", "2"], ""),
 }
 MODEL = "smollm2-135m-instruct"
@@ -94,44 +99,77 @@ def free_port() -> int:
 
 
 class NatsServer:
-    """A nats-server with JetStream on a fixed port and store directory (restartable)."""
+    """A nats-server with JetStream on a fixed port and store directory (restartable), or with
+    ``nodes`` > 1 a local JetStream cluster of that many (the launcher's ``--nats-cluster``
+    layout: :func:`tandem.services.nats_embedded.plan_cluster`, no client authentication)."""
 
-    def __init__(self, log_dir: Path) -> None:
-        from tandem.services.launcher import nats_server_binary
+    def __init__(self, log_dir: Path, nodes: int = 1) -> None:
+        from tandem.services.auth import new_password
+        from tandem.services.nats_embedded import cluster_url, nats_server_binary, plan_cluster
 
         self.binary = nats_server_binary()
-        self.port = free_port()
+        self.log_dir = log_dir
         self.store = log_dir / "nats-store"
-        self.log = log_dir / "nats.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        self.store.mkdir(parents=True, exist_ok=True)
+        if nodes == 1:
+            self.port = free_port()
+            argv = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
+            self.nodes = [("nats", self.port, argv)]
+            self.url = f"nats://127.0.0.1:{self.port}"
+        else:
+            planned = plan_cluster(nodes, log_dir, self.store, new_password())
+            self.nodes = [(n.name, n.port, n.argv) for n in planned]
+            self.url = cluster_url(planned, None)
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.nodes)
+        #: The node :meth:`kill_stream_leader` killed (its server name), for the report.
+        self.killed: str | None = None
 
     def start(self) -> None:
-        argv = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        for i in range(len(self.nodes)):
+            self.start_node(i)
+
+    def start_node(self, i: int) -> None:
+        name, port, argv = self.nodes[i]
+        with (self.log_dir / f"{name}.log").open("ab") as out:
+            self.procs[i] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 return
             time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
+        raise RuntimeError(f"{name} did not start")
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+    def kill(self, i: int = 0) -> None:
+        p = self.procs[i]
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+    async def kill_stream_leader(self, stream: str) -> str:
+        """SIGKILL the node leading ``stream`` (the worst node to lose); return its server name."""
+        import nats
+
+        from tandem.services.auth import server_list
+
+        nc = await nats.connect(server_list(self.url), connect_timeout=2)
+        try:
+            info = await nc.jetstream().stream_info(stream)
+        finally:
+            await nc.close()
+        leader = info.cluster.leader if info.cluster is not None else None
+        index = int(leader.rsplit("-", 1)[1]) if leader else 0
+        self.kill(index)
+        self.killed = leader or self.nodes[0][0]
+        return self.killed
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
 
 @dataclass
@@ -213,7 +251,8 @@ class Topology:
         import nats
 
         subjects = Subjects(self.namespace)
-        nc = await nats.connect(self.nats.url, connect_timeout=2, max_reconnect_attempts=0)
+        # Every node is tried once (a dead cluster node is skipped for the next).
+        nc = await nats.connect(server_list(self.nats.url), connect_timeout=2, max_reconnect_attempts=1)
         try:
             try:
                 kv = await nc.jetstream().key_value(subjects.instances_bucket)
@@ -238,7 +277,7 @@ class Topology:
 
         subjects = Subjects(self.namespace)
         infos = await self.instances()
-        nc = await nats.connect(self.nats.url, connect_timeout=2)
+        nc = await nats.connect(server_list(self.nats.url), connect_timeout=2)
         decoder = msgspec.msgpack.Decoder(WorkerStats | ErrorReply)
         report: dict[str, Any] = {"workers": 0, "in_use": 0, "pinned": 0, "integrity_failures": []}
         try:
@@ -397,6 +436,9 @@ async def inject(topo: Topology, scenario: str, target: str) -> None:
         await asyncio.sleep(2.0)
         topo.nats.start()
         return
+    if scenario == "nats_node_killed":
+        await topo.nats.kill_stream_leader(Subjects(topo.namespace).kv_events_stream)
+        return
     topo.kill(target)
     if scenario in ("decode_restarted", "indexer_restarted"):
         await asyncio.sleep(1.0)
@@ -412,7 +454,7 @@ async def run_scenario(scenario: str, args: argparse.Namespace, log_root: Path) 
         engine += ["--deterministic"]
     log_dir = log_root / scenario
     log_dir.mkdir(parents=True, exist_ok=True)
-    nats = NatsServer(log_dir)
+    nats = NatsServer(log_dir, nodes=3 if scenario == "nats_node_killed" else 1)
     nats.start()
     topo = Topology(
         [*engine, *flags, *args.extra], nats, log_dir, routers=2 if scenario == "router_killed" else 1
@@ -452,6 +494,8 @@ async def run_scenario(scenario: str, args: argparse.Namespace, log_root: Path) 
         errors = sorted({r.error for r in results if r.error})
         out["errors"] = errors[:5]
         out["stranded"] = await topo.pool_report()
+        if nats.killed:
+            out["target"] = nats.killed
     finally:
         topo.stop()
         nats.stop()

@@ -85,6 +85,8 @@ AUTH_ENV = {
     "nats_tls_key": "NATS_TLS_KEY",
 }
 PASSWORD_ENV = "NATS_PASSWORD"
+#: ``--jetstream-replicas`` default of every service and of the launcher with ``--nats-url``.
+JETSTREAM_REPLICAS_ENV = "TANDEM_JETSTREAM_REPLICAS"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -221,6 +223,15 @@ def add_auth_arguments(
 def redact_url(url: str) -> str:
     """``url`` with any password in it replaced by ``***`` (for logs)."""
     return re.sub(r"(//[^:/@\s]+:)[^@/\s]+@", r"\1***@", url)
+
+
+def server_list(url: str) -> list[str]:
+    """The server URLs in ``url``: one URL, or several comma-separated (a cluster's nodes, as
+    ``--nats-url`` takes them). Raises ``ValueError`` when there is none."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server URL in {url!r}")
+    return servers
 
 
 def inbox_prefix(user: str) -> str:

@@ -61,9 +61,12 @@ class InstanceRegistry:
         *,
         ttl_s: float = INSTANCE_TTL_S,
         sweep_interval_s: float = 0.5,
+        replicas: int = 1,
     ) -> None:
         self._js = js
         self._subjects = subjects
+        #: JetStream replicas of the bucket if this registry has to create it.
+        self._replicas = replicas
         self.ttl_s = ttl_s
         self._sweep_interval_s = sweep_interval_s
         self._instances: dict[str, InstanceInfo] = {}
@@ -134,7 +137,7 @@ class InstanceRegistry:
             raise
 
     async def _open_watch(self, initial: asyncio.Event, *, resync: bool = False) -> None:
-        kv = await ensure_jetstream(self._js, self._subjects)
+        kv = await ensure_jetstream(self._js, self._subjects, replicas=self._replicas)
         self._watcher = await kv.watchall()
         self._watch_task = asyncio.create_task(self._watch(initial, resync=resync), name="registry-watch")
 
@@ -265,9 +268,11 @@ class WorkerRegistration:
         info_factory: Callable[[], InstanceInfo],
         *,
         interval_s: float = HEARTBEAT_INTERVAL_S,
+        replicas: int = 1,
     ) -> None:
         self._js = js
         self._subjects = subjects
+        self._replicas = replicas
         self._info_factory = info_factory
         self.interval_s = interval_s
         self._kv: KeyValue | None = None
@@ -279,7 +284,7 @@ class WorkerRegistration:
 
         Raises the JetStream error if the first put fails.
         """
-        self._kv = await ensure_jetstream(self._js, self._subjects)
+        self._kv = await ensure_jetstream(self._js, self._subjects, replicas=self._replicas)
         await self._beat()
         self._task = asyncio.create_task(self._loop(), name="worker-heartbeat")
 
@@ -298,7 +303,7 @@ class WorkerRegistration:
             except Exception as e:  # transient (reconnecting); next beat retries
                 _log.warning("heartbeat_failed", error=repr(e))
                 with contextlib.suppress(Exception):  # a restarted server may have lost the bucket
-                    self._kv = await ensure_jetstream(self._js, self._subjects)
+                    self._kv = await ensure_jetstream(self._js, self._subjects, replicas=self._replicas)
 
     async def stop(self) -> None:
         """Stop beating and delete the entry (idempotent; errors are logged)."""

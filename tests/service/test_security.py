@@ -41,7 +41,7 @@ from tandem.protocol.messages import (
     SamplingParams,
     encode,
 )
-from tandem.services import launcher
+from tandem.services import nats_embedded, processes
 from tandem.services.auth import (
     NatsAuth,
     NatsUser,
@@ -87,11 +87,11 @@ async def secure_nats() -> AsyncIterator[SecureNats]:
         conf = write_credentials(root / "auth", users)
         store = root / "store"
         store.mkdir()
-        child, url = await launcher.start_nats(root, str(store), config=conf)
+        child, url = await nats_embedded.start_nats(root, str(store), config=conf)
         try:
             yield SecureNats(url, root / "auth", root / "nats.log")
         finally:
-            await launcher.stop_children([[child]], grace_s=5)
+            await processes.stop_children([[child]], grace_s=5)
 
 
 @dataclass

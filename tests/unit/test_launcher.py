@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tandem.engine.config import EngineConfig
-from tandem.services import launcher
+from tandem.services import launcher, nats_embedded, processes
 from tandem.services.frontend.config import FrontendConfig
 from tandem.services.launcher import (
     LaunchConfig,
@@ -269,13 +269,13 @@ def test_reply_helpers() -> None:
 async def test_embedded_nats_starts_and_stops(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
-    child, url = await launcher.start_nats(tmp_path, str(store))
+    child, url = await nats_embedded.start_nats(tmp_path, str(store))
     try:
         host, port = url.removeprefix("nats://").split(":")
         socket.create_connection((host, int(port)), timeout=1).close()
         assert (tmp_path / "nats.log").exists()
     finally:
-        await launcher.stop_children([[child]], grace_s=5)
+        await processes.stop_children([[child]], grace_s=5)
     assert child.proc.returncode is not None
 
 
@@ -284,42 +284,42 @@ async def test_stop_children_kills_what_ignores_sigterm(tmp_path: Path) -> None:
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         "print('up', flush=True); time.sleep(60)"
     )
-    child = launcher.spawn("stubborn", "worker", [sys.executable, "-c", code], {}, tmp_path)
+    child = processes.spawn("stubborn", "worker", [sys.executable, "-c", code], {}, tmp_path)
     for _ in range(200):  # until the handler is installed
-        if "up" in launcher.tail(child.log_path):
+        if "up" in processes.tail(child.log_path):
             break
         await asyncio.sleep(0.02)
-    await launcher.stop_children([[child]], grace_s=0.3)
+    await processes.stop_children([[child]], grace_s=0.3)
     assert child.proc.returncode == -9
 
 
 async def test_wait_ready_reports_a_dead_child(tmp_path: Path) -> None:
     code = "import sys; print('boom: bad config'); sys.exit(3)"
-    child = launcher.spawn("router", "router", [sys.executable, "-c", code], {}, tmp_path)
+    child = processes.spawn("router", "router", [sys.executable, "-c", code], {}, tmp_path)
     child.proc.wait(10)
     with pytest.raises(LaunchError, match=r"router exited with status 3(.|\n)*boom: bad config"):
         await launcher.wait_ready("http://127.0.0.1:9/ready", [child], 10, asyncio.Event())
-    await launcher.stop_children([[child]])
+    await processes.stop_children([[child]])
 
 
 async def test_wait_ready_times_out(tmp_path: Path) -> None:
-    child = launcher.spawn(
+    child = processes.spawn(
         "sleeper", "worker", [sys.executable, "-c", "import time; time.sleep(30)"], {}, tmp_path
     )
     try:
         with pytest.raises(LaunchError, match="not ready after"):
             await launcher.wait_ready("http://127.0.0.1:9/ready", [child], 0.5, asyncio.Event())
     finally:
-        await launcher.stop_children([[child]], grace_s=2)
+        await processes.stop_children([[child]], grace_s=2)
 
 
 async def test_second_signal_skips_the_grace_period(tmp_path: Path) -> None:
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
-    child = launcher.spawn("stubborn", "worker", [sys.executable, "-c", code], {}, tmp_path)
+    child = processes.spawn("stubborn", "worker", [sys.executable, "-c", code], {}, tmp_path)
     hurry = asyncio.Event()
     hurry.set()
     t0 = asyncio.get_running_loop().time()
-    await launcher.stop_children([[child]], grace_s=30, hurry=hurry)
+    await processes.stop_children([[child]], grace_s=30, hurry=hurry)
     assert child.proc.returncode is not None
     assert asyncio.get_running_loop().time() - t0 < 10
 
@@ -425,7 +425,7 @@ async def test_embedded_nats_with_auth_refuses_anonymous(tmp_path: Path) -> None
     conf = launcher.write_credentials(tmp_path / "auth", users)
     store = tmp_path / "store"
     store.mkdir()
-    child, url = await launcher.start_nats(tmp_path, str(store), config=conf)
+    child, url = await nats_embedded.start_nats(tmp_path, str(store), config=conf)
     try:
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await nats.connect(url, allow_reconnect=False, connect_timeout=2)
@@ -435,7 +435,7 @@ async def test_embedded_nats_with_auth_refuses_anonymous(tmp_path: Path) -> None
             launcher.NatsAuth.for_user("launcher", tmp_path / "auth" / "launcher.password"),
         )
     finally:
-        await launcher.stop_children([[child]], grace_s=5)
+        await processes.stop_children([[child]], grace_s=5)
 
 
 # ---- supervision -------------------------------------------------------------------------------
@@ -445,14 +445,14 @@ def test_restart_backoff_doubles_to_ten_seconds() -> None:
     assert [launcher.restart_delay(n) for n in range(1, 8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
 
 
-def _adopt(sup: launcher.Supervisor, name: str, service: str, code: str, tmp_path: Path) -> launcher.Child:
+def _adopt(sup: processes.Supervisor, name: str, service: str, code: str, tmp_path: Path) -> processes.Child:
     argv = [sys.executable, "-c", code]
-    child = launcher.spawn(name, service, argv, {}, tmp_path)
+    child = processes.spawn(name, service, argv, {}, tmp_path)
     sup.adopt(child, argv, {})
     return child
 
 
-async def _poll_until(sup: launcher.Supervisor, cond: object, limit_s: float = 10.0) -> None:
+async def _poll_until(sup: processes.Supervisor, cond: object, limit_s: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
     while not cond():  # type: ignore[operator]
@@ -467,7 +467,7 @@ async def test_supervisor_restarts_a_dead_worker_with_back_off(tmp_path: Path) -
     async def on_exit(spec: ProcessSpec) -> None:
         exits.append(spec.name)
 
-    sup = launcher.Supervisor(tmp_path, restart_limit=3, on_exit=on_exit)
+    sup = processes.Supervisor(tmp_path, restart_limit=3, on_exit=on_exit)
     first = _adopt(
         sup, "decode-0", "worker", "print('up', flush=True); import time; time.sleep(60)", tmp_path
     )
@@ -485,11 +485,11 @@ async def test_supervisor_restarts_a_dead_worker_with_back_off(tmp_path: Path) -
     t0 = asyncio.get_running_loop().time()
     await _poll_until(sup, lambda: sup.restarts("decode-0") == 2)
     assert asyncio.get_running_loop().time() - t0 >= 0.9  # second restart in a row waits 1 s
-    await launcher.stop_children([sup.children], grace_s=2)
+    await processes.stop_children([sup.children], grace_s=2)
 
 
 async def test_supervisor_gives_up_after_the_restart_limit(tmp_path: Path) -> None:
-    sup = launcher.Supervisor(tmp_path, restart_limit=1)
+    sup = processes.Supervisor(tmp_path, restart_limit=1)
     _adopt(sup, "decode-0", "worker", "import sys; print('boom'); sys.exit(3)", tmp_path)
     await _poll_until(sup, lambda: sup.failed.is_set())
     assert sup.restarts("decode-0") == 1
@@ -498,7 +498,7 @@ async def test_supervisor_gives_up_after_the_restart_limit(tmp_path: Path) -> No
 
 
 async def test_restart_limit_zero_fails_fast(tmp_path: Path) -> None:
-    sup = launcher.Supervisor(tmp_path, restart_limit=0)
+    sup = processes.Supervisor(tmp_path, restart_limit=0)
     sup.ready = True
     _adopt(sup, "prefill-0", "worker", "import sys; sys.exit(1)", tmp_path)
     await _poll_until(sup, lambda: sup.failed.is_set())
@@ -506,23 +506,23 @@ async def test_restart_limit_zero_fails_fast(tmp_path: Path) -> None:
 
 
 async def test_core_service_failing_to_start_is_fatal_then_restarted_once_ready(tmp_path: Path) -> None:
-    sup = launcher.Supervisor(tmp_path, restart_limit=5)
+    sup = processes.Supervisor(tmp_path, restart_limit=5)
     _adopt(sup, "router", "router", "import sys; print('bad flag'); sys.exit(2)", tmp_path)
     await _poll_until(sup, lambda: sup.failed.is_set())
     assert "router failed to start" in str(sup.error) and "bad flag" in str(sup.error)
 
-    sup = launcher.Supervisor(tmp_path, restart_limit=5)
+    sup = processes.Supervisor(tmp_path, restart_limit=5)
     child = _adopt(sup, "router", "router", "import time; time.sleep(60)", tmp_path)
     sup.ready = True
     child.proc.kill()
     child.proc.wait(5)
     await _poll_until(sup, lambda: sup.restarts("router") == 1)
     assert sup.error is None and sup.children[0].alive()
-    await launcher.stop_children([sup.children], grace_s=2)
+    await processes.stop_children([sup.children], grace_s=2)
 
 
 async def test_a_long_run_resets_the_back_off(tmp_path: Path) -> None:
-    sup = launcher.Supervisor(tmp_path, restart_limit=1, stable_s=0.3)
+    sup = processes.Supervisor(tmp_path, restart_limit=1, stable_s=0.3)
     child = _adopt(sup, "decode-0", "worker", "import time; time.sleep(60)", tmp_path)
     sup.entries[0].in_a_row = 1  # as if it had been restarted once already
     await asyncio.sleep(0.4)  # … and then stayed up longer than stable_s
@@ -530,4 +530,4 @@ async def test_a_long_run_resets_the_back_off(tmp_path: Path) -> None:
     child.proc.wait(5)
     await _poll_until(sup, lambda: sup.restarts("decode-0") == 1)
     assert sup.error is None and sup.entries[0].in_a_row == 1
-    await launcher.stop_children([sup.children], grace_s=2)
+    await processes.stop_children([sup.children], grace_s=2)

@@ -507,7 +507,9 @@ def test_parser_hostile_lengths_and_shapes() -> None:
 
 def _indexer(monkeypatch: pytest.MonkeyPatch, impl: str) -> KvIndexer:
     monkeypatch.setenv("TANDEM_RADIX", impl)
-    svc = types.SimpleNamespace(js=None, subjects=Subjects("t"), log=structlog.get_logger("t"))
+    svc = types.SimpleNamespace(
+        js=None, subjects=Subjects("t"), log=structlog.get_logger("t"), jetstream_replicas=1
+    )
     ix = KvIndexer(svc)  # type: ignore[arg-type]
     assert impl == ix.tree.IMPL
     return ix

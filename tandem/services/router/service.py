@@ -173,7 +173,7 @@ class PrefillRouter:
     ):
         self.svc = svc
         self.config = config or RouterConfig()
-        self.registry = InstanceRegistry(svc.js, svc.subjects)
+        self.registry = InstanceRegistry(svc.js, svc.subjects, replicas=svc.jetstream_replicas)
         self.log = svc.log
         self._rng = rng or random.Random()
         self.scheduler = RouterScheduler(self.config, rng=self._rng, max_attempts=MAX_ATTEMPTS)

@@ -175,7 +175,11 @@ class Worker:
         await svc.serve(s.worker_debug(self.id), WorkerStatsRequest, self._on_stats)
         await svc.serve(s.worker_health(self.id), HealthRequest, self._on_health)
         self._registration = discovery.WorkerRegistration(
-            svc.js, s, self._instance_info, interval_s=self.config.heartbeat_s
+            svc.js,
+            s,
+            self._instance_info,
+            interval_s=self.config.heartbeat_s,
+            replicas=svc.jetstream_replicas,
         )
         await self._registration.start()
         # One line per worker at info for a single worker; hundreds of mock workers log at debug.
@@ -232,7 +236,9 @@ class Worker:
 
     async def _watch_peers(self) -> None:
         """Warm up the NIXL path to every prefill worker as it registers (see ``decode.warm_up``)."""
-        registry = discovery.InstanceRegistry(self.svc.js, self.subjects)
+        registry = discovery.InstanceRegistry(
+            self.svc.js, self.subjects, replicas=self.svc.jetstream_replicas
+        )
         self._registry = registry
 
         async def added(info: InstanceInfo) -> None:
