@@ -717,3 +717,33 @@ async def test_decode_worker_lost_before_acking_is_noticed_by_the_probe(env: Env
     assert time.monotonic() - t0 < 2.0  # the probe, not the 30 s Ack timeout
     assert len(d1.decodes) == 1
     await eventually(lambda: len(d1.cancels) == 1)
+
+
+async def test_every_decode_worker_short_of_blocks_waits_for_room(env: Env) -> None:
+    """Both decode workers decline (kv_capacity) at first: the router tries again until one has
+    room, instead of failing the request (or herding it anywhere)."""
+    full = ServiceError(503, "not enough free KV blocks", type="kv_capacity")
+    d1 = await env.add_worker(FakeWorker("d1", "decode", decode_error=full))
+    d2 = await env.add_worker(FakeWorker("d2", "decode", decode_error=full))
+    await env.add_worker(FakeWorker("p1", "prefill"))
+    router = await env.start_router(router_mode="round-robin", decode_wait_s=5.0)
+    inbox = await env.route(40)
+    await eventually(lambda: len(d1.decodes) >= 2 and len(d2.decodes) >= 2, 3.0)
+    assert not any(isinstance(i, TokenChunk) and i.error for i in inbox.items), inbox.items
+    d2.decode_error = None  # d2's running requests finished
+    await eventually(lambda: any(a.service == "worker" for a in inbox.acks), 3.0)
+    acks = [a for a in inbox.acks if a.service == "worker"]
+    assert [a.worker_id for a in acks] == ["d2"], inbox.items
+    assert "d1" in router.live_instances() and "d2" in router.live_instances()  # busy is not suspect
+
+
+async def test_every_decode_worker_busy_past_the_wait_is_503_with_retry_after(env: Env) -> None:
+    full = ServiceError(503, "not enough free KV blocks", type="kv_capacity")
+    await env.add_worker(FakeWorker("d1", "decode", decode_error=full))
+    await env.add_worker(FakeWorker("p1", "prefill"))
+    await env.start_router(decode_wait_s=0.3, busy_retry_after_s=2.0)
+    inbox = await env.route(40)
+    await eventually(lambda: any(isinstance(i, TokenChunk) and i.error for i in inbox.items), 3.0)
+    err = next(i.error for i in inbox.items if isinstance(i, TokenChunk) and i.error)
+    assert err.code == 503 and err.retry_after_s == 2.0, err
+    assert "busy" in err.message

@@ -69,6 +69,12 @@ class RouterConfig:
     busy_retry_after_s: float = option(
         1.0, help="Retry-After sent with a 503 when every candidate worker is busy (s)"
     )
+    decode_wait_s: float = option(
+        10.0,
+        help="when every decode candidate declines a request for lack of free KV blocks, try them "
+        "again (every 50 ms, backing off to 0.5 s) for up to this long before answering 503 + "
+        "Retry-After; a prefilled request's KV stays pinned meanwhile, within --kv-ttl-s (s)",
+    )
     active_request_ttl_s: float = option(
         300.0,
         help="forget a request's tracked load after this long even without a completion signal (s)",
@@ -103,6 +109,7 @@ class RouterConfig:
         if self.active_prefill_tokens_threshold is not None and self.active_prefill_tokens_threshold < 0:
             raise ValueError("active_prefill_tokens_threshold must be >= 0 (tokens)")
         finite("busy_retry_after_s", self.busy_retry_after_s)
+        finite("decode_wait_s", self.decode_wait_s)
         for name in (
             "active_request_ttl_s",
             "overlap_timeout_s",

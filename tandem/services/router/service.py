@@ -66,6 +66,11 @@ Faults (issue 6)
   skipped that way is *suspect*: left out of decisions until it heartbeats again (a restarted
   worker does at once).
 * No prefill worker answered: the request falls back to prefilling on its decode worker.
+* Every decode candidate declined (503, e.g. ``kv_capacity``: short of free KV blocks): they are
+  tried again, backing off from 50 ms to 0.5 s, for up to ``--decode-wait-s`` (10 s) while their
+  running requests finish (the prefilled KV stays pinned, within its lease); then 503 with
+  ``Retry-After`` (busy: the frontend does not migrate it). Gone is not busy: a candidate with no
+  responders makes it a 503 without ``Retry-After``, which the frontend migrates.
 
 Replicas: several routers may serve the queue group. They share the KV indexer's overlap answers
 and the instances bucket (worker list + heartbeat load); each keeps its own in-flight tracking
@@ -393,25 +398,46 @@ class PrefillRouter:
         candidates: Sequence[InstanceInfo],
         attempt: Callable[[InstanceInfo], Awaitable[T]],
         what: str,
+        *,
+        wait_s: float = 0.0,
     ) -> tuple[InstanceInfo, T]:
         """``await attempt(worker)`` on the ranked candidates until one answers.
 
         A worker with no responders (gone since its last heartbeat) is skipped, at most
-        ``MAX_ATTEMPTS`` are tried; any other error propagates. Raises ``ServiceError(503)``
-        when none answered.
+        ``MAX_ATTEMPTS`` are tried; any other error propagates. A worker that declines (503:
+        e.g. a decode worker short of free KV blocks) is skipped too. When every candidate tried
+        declined, they are tried again — after 50 ms, backing off to 0.5 s — for up to ``wait_s``
+        seconds (capacity frees as their running requests finish); then :class:`RoutingError`
+        (503 with ``Retry-After``: busy, not lost). Raises ``_NoneAnswered`` (503, no
+        ``Retry-After``) when a candidate was gone, or every one declined and ``wait_s`` is 0.
         """
-        for n, info in enumerate(candidates[:MAX_ATTEMPTS]):
-            self._check_cancelled(st)
-            try:
-                return info, await attempt(info)
-            except NoRespondersError as e:
-                self.log.warning(f"{what}_worker_gone", worker_id=info.instance_id, attempt=n)
-                self._suspect(info.instance_id, type(e).__name__)
-            except RemoteError as e:
-                if e.code != 503:
-                    raise
-                self.log.info(f"{what}_worker_declined", worker_id=info.instance_id, error=e.message)
-        raise _NoneAnswered(503, f"no {what} worker answered", type="service_unavailable")
+        deadline = time.monotonic() + wait_s
+        delay = 0.05
+        while True:
+            tried = candidates[:MAX_ATTEMPTS]
+            declined: list[str] = []
+            for n, info in enumerate(tried):
+                self._check_cancelled(st)
+                try:
+                    return info, await attempt(info)
+                except NoRespondersError as e:
+                    self.log.warning(f"{what}_worker_gone", worker_id=info.instance_id, attempt=n)
+                    self._suspect(info.instance_id, type(e).__name__)
+                except RemoteError as e:
+                    if e.code != 503:
+                        raise
+                    declined.append(e.message)
+                    self.log.info(f"{what}_worker_declined", worker_id=info.instance_id, error=e.message)
+            if not tried or len(declined) < len(tried) or wait_s <= 0:
+                raise _NoneAnswered(503, f"no {what} worker answered", type="service_unavailable")
+            if time.monotonic() + delay > deadline:
+                raise RoutingError(
+                    503,
+                    f"every {what} worker is busy ({declined[-1]})",
+                    retry_after_s=self.config.busy_retry_after_s,
+                )
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 2)
 
     # ---- the two paths ---------------------------------------------------------------------------
 
@@ -575,7 +601,9 @@ class PrefillRouter:
             active.confirm(msg.request_id, time.time())
             return ack
 
-        _info, ack = await self._try_candidates(st, candidates, decode_on, "decode")
+        _info, ack = await self._try_candidates(
+            st, candidates, decode_on, "decode", wait_s=self.config.decode_wait_s
+        )
         st.phase = Phase.HANDED_OFF
         await self._ack(st.req, ack.worker_id, "worker")
         if st.cancelled:  # the Cancel broadcast reached the worker too: it drops the request
