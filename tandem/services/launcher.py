@@ -219,8 +219,22 @@ def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path, client: NatsAuth
 # ---- readiness ----------------------------------------------------------------------------------
 
 
-async def wait_ready(url: str, children: Sequence[Child], timeout_s: float, stop: asyncio.Event) -> bool:
-    """Poll ``GET url`` until 200. False if ``stop`` was set; LaunchError if a child died or timeout."""
+def api_headers(cfg: LaunchConfig) -> dict[str, str]:
+    """The frontend's API key as a request header (``--api-key`` / ``$TANDEM_API_KEY``), for the
+    launcher's own readiness polls and smoke requests; empty without a key."""
+    key = cfg.frontend.resolved_api_key()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def wait_ready(
+    url: str,
+    children: Sequence[Child],
+    timeout_s: float,
+    stop: asyncio.Event,
+    headers: dict[str, str] | None = None,
+) -> bool:
+    """Poll ``GET url`` (with ``headers``) until 200. False if ``stop`` was set; LaunchError if a
+    child died or timeout."""
     import aiohttp
 
     deadline = time.monotonic() + timeout_s
@@ -231,7 +245,7 @@ async def wait_ready(url: str, children: Sequence[Child], timeout_s: float, stop
             if dead is not None:
                 raise LaunchError(died_message(dead))
             try:
-                async with session.get(url) as resp:
+                async with session.get(url, headers=headers) as resp:
                     if resp.status == 200:
                         return True
                     last = f"HTTP {resp.status}: {(await resp.text())[:200]}"
@@ -440,10 +454,11 @@ async def run_smoke(cfg: LaunchConfig, nats_url: str, client: NatsAuth | None = 
 
     ok = True
     url = f"{http_base_url(cfg)}/v1/chat/completions"
+    headers = api_headers(cfg)
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session,
-            session.post(url, json=smoke_body(SMOKE_PROMPTS[0])) as resp,
+            session.post(url, json=smoke_body(SMOKE_PROMPTS[0]), headers=headers) as resp,
         ):
             text = await resp.text()
             reply = json.loads(text) if resp.status == 200 else {}
@@ -462,7 +477,8 @@ async def run_smoke(cfg: LaunchConfig, nats_url: str, client: NatsAuth | None = 
     try:
         nc = await nats.connect(server_list(nats_url), name="tandem-launcher-smoke", **_login(client))
         try:
-            msg = await nc.request(subject, json.dumps(smoke_body(SMOKE_PROMPTS[1])).encode(), timeout=300)
+            body = json.dumps(smoke_body(SMOKE_PROMPTS[1])).encode()
+            msg = await nc.request(subject, body, timeout=300, headers=headers or None)
             reply = json.loads(msg.data)
         finally:
             await nc.close()
@@ -592,7 +608,7 @@ async def launch(cfg: LaunchConfig) -> int:
         fatal = [c for c in sup.children if c.service in sup.fatal_before_ready]
         ready_url = f"{http_base_url(cfg)}/ready"
         t0 = time.monotonic()
-        ok = await _until(wait_ready(ready_url, fatal, cfg.ready_timeout, stop), sup.failed)
+        ok = await _until(wait_ready(ready_url, fatal, cfg.ready_timeout, stop, api_headers(cfg)), sup.failed)
         if sup.error is not None:
             raise sup.error
         if not ok:

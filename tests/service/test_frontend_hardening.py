@@ -352,7 +352,8 @@ async def test_api_key_required_on_http_and_nats(nats_url: str, tokenizer: Token
         # probes stay open
         assert (await s.client.get("/health")).status == 200
         assert (await s.client.get("/live")).status == 200
-        assert (await s.client.get("/ready")).status == 503  # not 401: no workers here
+        assert (await s.client.get("/ready")).status == 401  # what the stack can do: key needed
+        assert (await s.client.get("/ready", headers=good)).status == 503  # no workers here
         # the right key
         assert (await s.client.get("/v1/models", headers=good)).status == 200
         assert (await s.client.get("/v1/models", headers={"Authorization": f"bearer  {KEY} "})).status == 200

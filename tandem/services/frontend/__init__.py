@@ -39,11 +39,12 @@ router or worker, 429/503) also sets ``Retry-After`` (whole seconds, rounded up,
 once a stream's headers are out, an error goes into the stream instead (step 8).
 
 Edge checks (``edge.py``, before step 1; over HTTP before the body is read): with
-``--api-key`` (or ``$TANDEM_API_KEY``) every route but ``/health``, ``/live`` and ``/ready``
-needs ``Authorization: Bearer <key>`` (401 ``invalid_api_key``, constant-time compare); more
-than ``--max-inflight`` (256) completion requests in flight, HTTP and NATS together → 429
-``server_busy`` with ``Retry-After: 1`` at once (never queued; the slot is released on every
-exit path); a body over ``--max-request-bytes`` (4 MiB) → 413 ``request_too_large``.
+``--api-key`` (or ``$TANDEM_API_KEY``) every route but ``/health`` and ``/live`` (``/ready``
+included: it tells what the stack can route to) needs ``Authorization: Bearer <key>`` (401
+``invalid_api_key``, constant-time compare); more than ``--max-inflight`` (256) completion
+requests in flight, HTTP and NATS together → 429 ``server_busy`` with ``Retry-After: 1`` at once
+(never queued; the slot is released on every exit path); a body over ``--max-request-bytes``
+(4 MiB) → 413 ``request_too_large``.
 
 Life cycle of one request
 -------------------------

@@ -89,7 +89,7 @@ class FrontendConfig:
     #: key never shows in ``--help`` nor in the command lines the launcher builds).
     api_key: str | None = option(
         None,
-        help="require 'Authorization: Bearer KEY' on the HTTP API (all but /health, /live, /ready) "
+        help="require 'Authorization: Bearer KEY' on the HTTP API (all but /health and /live) "
         f"and the public NATS subjects (default: ${API_KEY_ENV}; empty = no key)",
     )
     max_request_bytes: int = option(

@@ -68,9 +68,10 @@ __all__ = [
 #: Default largest HTTP request body, bytes (``--max-request-bytes``); larger gets 413.
 MAX_BODY_BYTES = DEFAULT_MAX_REQUEST_BYTES
 
-#: Paths served without the API key: liveness and readiness probes (the launcher polls
-#: ``/ready`` and orchestrators' probes send no credentials).
-OPEN_PATHS = frozenset({"/health", "/live", "/ready"})
+#: Paths served without the API key: the liveness probes. ``/ready`` says what the stack can
+#: route to, so it needs the key like the API (the launcher sends it; an orchestrator's probe
+#: can send the header, or use ``/health``).
+OPEN_PATHS = frozenset({"/health", "/live"})
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
