@@ -28,7 +28,11 @@ from tandem.services.runtime import (
     INSTANCE_TTL_S,
     decode_as,
     ensure_jetstream,
+    probe_liveness,
 )
+
+#: How long a stale entry's worker gets to answer a direct health probe (seconds).
+STALE_PROBE_TIMEOUT_S = 1.0
 
 __all__ = ["InstanceCallback", "InstanceRegistry", "WorkerRegistration"]
 
@@ -46,6 +50,13 @@ class InstanceRegistry:
     the worker's clock) is more than ``ttl_s`` seconds old (checked every ``sweep_interval_s``).
     Callbacks (``on_added`` when an id appears, ``on_removed`` when it goes) run in the watcher
     task, in order; their exceptions are logged.
+
+    A stale entry is probed before it goes: its worker's health subject
+    (``{ns}.worker.<id>.health``) is asked directly, and a worker that answers stays (its
+    heartbeats are what is late, not the worker: a JetStream cluster electing a new leader for
+    the bucket stalls puts and the watch for seconds). An answer to a stale entry also re-syncs the
+    watch, which may be stuck. No responders or no answer within :data:`STALE_PROBE_TIMEOUT_S`:
+    it goes.
 
     Reconnects: while the NATS connection is down nothing is swept (workers cannot heartbeat
     either). Once it is back the registry re-syncs: a fresh watcher loads the bucket again
@@ -80,8 +91,12 @@ class InstanceRegistry:
         # JetStreamContext keeps its connection as ``_nc``: its state gates the sweep.
         self._nc: NatsClient | None = getattr(js, "_nc", None)
         self._grace_until = 0.0
-        #: Times the registry re-synced after a reconnect.
+        #: Per instance: stale but answered a probe, so kept until then (monotonic seconds).
+        self._vouched_until: dict[str, float] = {}
+        #: Times the registry re-synced (after a reconnect, or a stale entry that was alive).
         self.resyncs = 0
+        #: Stale entries kept because their worker answered a probe.
+        self.probes_answered = 0
 
     # -- queries
     @property
@@ -210,9 +225,24 @@ class InstanceRegistry:
         initial.set()
 
     def _is_stale(self, info: InstanceInfo, now: float) -> bool:
-        if time.monotonic() < self._grace_until:
+        mono = time.monotonic()
+        if mono < self._grace_until or mono < self._vouched_until.get(info.instance_id, 0.0):
             return False
         return now - info.heartbeat_at > self.ttl_s
+
+    async def _probe(self, stale: list[InstanceInfo]) -> list[bool | None]:
+        """Ask each stale entry's worker directly whether it is alive (see the class docstring)."""
+        nc = self._nc
+        if nc is None:
+            return [None] * len(stale)
+        return list(
+            await asyncio.gather(
+                *(
+                    probe_liveness(nc, self._subjects.worker_health(i.instance_id), STALE_PROBE_TIMEOUT_S)
+                    for i in stale
+                )
+            )
+        )
 
     async def _sweep(self) -> None:
         was_down = False
@@ -226,9 +256,21 @@ class InstanceRegistry:
                 was_down = self._resync_needed = False
                 await self.resync()
             now = time.time()
-            for iid, info in list(self._instances.items()):
-                if self._is_stale(info, now):
-                    await self._remove(iid, reason="heartbeat_timeout")
+            stale = [info for info in self._instances.values() if self._is_stale(info, now)]
+            if not stale:
+                continue
+            alive = await self._probe(stale)
+            for info, answer in zip(stale, alive, strict=True):
+                iid = info.instance_id
+                if self._instances.get(iid) is not info:
+                    continue  # a heartbeat (or a delete) came while probing
+                if answer:
+                    self.probes_answered += 1
+                    self._vouched_until[iid] = time.monotonic() + self.ttl_s
+                    self._resync_needed = True  # it beats, yet the watch did not deliver it
+                    self._log.warning("instance_stale_but_alive", instance_id=iid)
+                else:
+                    await self._remove(iid, reason="heartbeat_timeout" if answer is False else "unresponsive")
 
     async def _put(self, info: InstanceInfo) -> None:
         is_new = info.instance_id not in self._instances
@@ -240,6 +282,7 @@ class InstanceRegistry:
             self._changed.notify_all()
 
     async def _remove(self, instance_id: str, *, reason: str) -> None:
+        self._vouched_until.pop(instance_id, None)
         info = self._instances.pop(instance_id, None)
         if info is None:
             return

@@ -267,6 +267,33 @@ async def test_registry_put_delete_and_stale(nc: NatsClient) -> None:
         await registry.stop()
 
 
+async def test_registry_probes_a_stale_entry_before_dropping_it(nc: NatsClient) -> None:
+    """Late heartbeats (a JetStream leader election stalls the bucket) do not drop a worker that
+    answers its health subject; the watch is re-synced; one that stops answering goes."""
+    subjects = Subjects(f"ns{uuid.uuid4().hex[:8]}")
+    js = nc.jetstream()
+    kv = await ensure_jetstream(js, subjects)
+    await kv.put("w1", encode(make_info("w1", "decode")))
+
+    async def health(_req: HealthRequest, _m: NatsMsg) -> Health:
+        return Health(service="worker", instance_id="w1")
+
+    tracker = TaskTracker()
+    sub = await runtime.serve(nc, subjects.worker_health("w1"), HealthRequest, health, tracker=tracker)
+    registry = InstanceRegistry(js, subjects, ttl_s=0.5, sweep_interval_s=0.1)
+    await registry.start()
+    try:
+        assert "w1" in registry
+        await asyncio.sleep(1.5)  # three TTLs without a heartbeat, but it answers every probe
+        assert "w1" in registry
+        assert registry.probes_answered >= 1 and registry.resyncs >= 1
+        await sub.unsubscribe()  # now it is gone: no responders
+        await registry.wait_for(lambda d: "w1" not in d, timeout=3)
+    finally:
+        await registry.stop()
+        await tracker.drain(1.0)
+
+
 async def test_service_base_health_and_shutdown(nats_url: str, nc: NatsClient) -> None:
     ns = f"ns{uuid.uuid4().hex[:8]}"
     svc = ServiceBase("svc", nats_url=nats_url, namespace=ns, grace_s=0.1, drain_timeout_s=2.0)
