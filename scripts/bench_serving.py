@@ -140,7 +140,7 @@ def run_tandem(args: argparse.Namespace, mode: str, router_mode: str, out_dir: P
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"tandem did not start:\n{Path(stdout.name).read_text()[-3000:]}")
             time.sleep(0.3)
-        label = f"tandem-{mode}-{router_mode}-s{args.speedup:g}"
+        label = f"tandem-{mode}-{router_mode}-s{args.speedup:g}{args.label_suffix}"
         return serve_bench(args, f"http://127.0.0.1:{port}/v1", TANDEM_MODEL, label, out_dir)
     finally:
         proc.send_signal(signal.SIGINT)
@@ -174,7 +174,7 @@ def run_dynamo(args: argparse.Namespace, mode: str, out_dir: Path) -> dict[str, 
     if proc.returncode != 0:
         raise RuntimeError(f"dynamo_stack up failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     try:
-        label = f"dynamo-{mode}-kv-s{args.speedup:g}"
+        label = f"dynamo-{mode}-kv-s{args.speedup:g}{args.label_suffix}"
         return serve_bench(args, f"http://127.0.0.1:{port}/v1", DYNAMO_MODEL, label, out_dir)
     finally:
         subprocess.run(["bash", str(stack), "down"], capture_output=True, text=True, timeout=120)
@@ -257,7 +257,7 @@ def run_dynamo_custom(args: argparse.Namespace, mode: str, router_mode: str, out
         if not _wait_http(f"http://127.0.0.1:{port}/v1/chat/completions", body, time.monotonic() + 240):
             raise RuntimeError(f"Dynamo did not become ready (logs in {run_dir})")
         time.sleep(3.0)  # let every mocker register with the router
-        label = f"dynamo-{mode}-{router_mode}-w{args.workers}-s{args.speedup:g}"
+        label = f"dynamo-{mode}-{router_mode}-w{args.workers}-s{args.speedup:g}{args.label_suffix}"
         return serve_bench(args, f"http://127.0.0.1:{port}/v1", DYNAMO_MODEL, label, out_dir)
     finally:
         for proc in reversed(procs):
@@ -319,6 +319,7 @@ def main() -> int:
     out_dir = Path(tempfile.mkdtemp(prefix="tandem-bench-serving-"))
     runs: list[dict[str, Any]] = []
     for rep in range(args.repeat):
+        args.label_suffix = f"-r{rep}" if args.repeat > 1 else ""  # one artifact dir per run
         for mode in args.modes.split(","):
             for side in sides:
                 if side == "dynamo":
@@ -380,9 +381,46 @@ def main() -> int:
             ratio = {m: (t[m] / d[m] if t[m] is not None and d[m] else None) for m in METRICS}
             ratios.append({"mode": mode, "router_mode": rm, **ratio})
             print(f"ratio   {mode:8s}{rm:13s}" + "".join(f"{fmt(ratio[m]):>15s}" for m in METRICS))
+    # Same side, same repeat: every router mode's TTFT p50/p99 over the last mode's (e.g.
+    # ``--router-modes kv,round-robin``: kv / round-robin). Only same-run ratios mean anything.
+    policy_ratios: list[dict[str, Any]] = []
+    if len(router_modes) > 1:
+        base_rm = router_modes[-1]
+        for r in runs:
+            if r["router_mode"] == base_rm:
+                continue
+            base = [
+                b
+                for b in runs
+                if (b["side"], b["mode"], b["repeat"], b["router_mode"])
+                == (r["side"], r["mode"], r["repeat"], base_rm)
+            ]
+            if not base:
+                continue
+            b = base[0]
+            pr = {
+                m: (r[m] / b[m] if r[m] is not None and b[m] else None)
+                for m in ("ttft_p50_ms", "ttft_p99_ms")
+            }
+            policy_ratios.append(
+                {
+                    "side": r["side"],
+                    "mode": r["mode"],
+                    "repeat": r["repeat"],
+                    "ratio": f"{r['router_mode']}/{base_rm}",
+                    **pr,
+                }
+            )
+            print(
+                f"{r['side']:8s}{r['mode']:8s}rep {r['repeat']}  {r['router_mode']}/{base_rm}: "
+                f"TTFT p50 {fmt(pr['ttft_p50_ms'])}  p99 {fmt(pr['ttft_p99_ms'])}"
+            )
     if args.json:
         args.json.write_text(
-            json.dumps({"runs": runs, "ratios": ratios, "artifacts": str(out_dir)}, indent=2)
+            json.dumps(
+                {"runs": runs, "ratios": ratios, "policy_ratios": policy_ratios, "artifacts": str(out_dir)},
+                indent=2,
+            )
         )
     print(f"(artifacts in {out_dir})", file=sys.stderr)
     return 0

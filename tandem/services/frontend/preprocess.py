@@ -8,15 +8,17 @@ the prompt's full blocks once. Everything here raises :class:`OpenAIError` (400/
 touches neither NATS nor HTTP.
 
 Event loop: :meth:`Preprocessor.prepare_async` parses a body larger than
-:data:`PARSE_IN_THREAD_BYTES` and tokenizes a prompt longer than :data:`TOKENIZE_IN_THREAD_CHARS`
-in a worker thread (tokenizing with the tokenizer's GIL-releasing batch call), so a long prompt
+:data:`PARSE_IN_THREAD_BYTES` and tokenizes more than :data:`TOKENIZE_IN_THREAD_CHARS` of new
+text in a worker thread (tokenizing with the tokenizer's GIL-releasing batch call), so a long prompt
 (up to ~0.5 s of tokenizing at the character limit) or a huge conversation does not stall the
 other requests; :meth:`Preprocessor.prepare` does everything inline.
 
 Chat prompts are encoded by a :class:`PromptEncoder`: the tokenizer splits text at its special
 tokens (``<|im_start|>``, ``<|im_end|>``) and encodes the pieces between them independently, so
 the ids of each piece (a message of a conversation, a system prompt) are cached and only new
-pieces are encoded. Multi-turn conversations and shared system prompts repeat most of the text.
+pieces are encoded — in :meth:`~Preprocessor.prepare_async` too, however long the prompt: a
+multi-turn conversation or a shared 4000-token system prompt repeats most of the text, and
+tokenizing it again was the frontend's largest cost per request (~10 ms of CPU at ~4000 tokens).
 """
 
 from __future__ import annotations
@@ -170,6 +172,44 @@ class PromptEncoder:
                 ids += self._piece(piece)
         return ids
 
+    async def encode_async(self, text: str, *, thread_chars: int = 0) -> list[int]:
+        """:meth:`encode`, with the pieces that are not cached tokenized in a worker thread when
+        they are more than ``thread_chars`` characters together (the tokenizer's GIL-releasing
+        batch call), inline otherwise. A long prompt is usually a long cached prefix (a system
+        prompt, earlier turns) plus a short new message: only that message is tokenized. Same
+        ids as :meth:`encode`."""
+        split = self._split
+        if split is None:
+            if len(text) > thread_chars:
+                return await asyncio.to_thread(_encode_off_loop, self.tokenizer, text, False)
+            return self.encode(text)
+        parts = split.split(text)
+        cache = self._cache
+        new: dict[str, None] = {}  # uncached pieces, in order, once each
+        for i in range(0, len(parts), 2):
+            piece = parts[i]
+            if piece and piece not in cache:
+                new[piece] = None
+        if new and sum(map(len, new)) > thread_chars:
+            pieces = list(new)
+            encoded = await asyncio.to_thread(_encode_pieces_off_loop, self.tokenizer, pieces)
+            fresh = dict(zip(pieces, encoded, strict=True))
+        else:
+            fresh = {}
+        ids: list[int] = []
+        for i, piece in enumerate(parts):
+            if i % 2:
+                ids.append(self._added[piece])
+            elif piece:
+                got = fresh.get(piece)
+                if got is None:
+                    ids += self._piece(piece)
+                else:
+                    self.misses += 1
+                    self._store(piece, got)
+                    ids += got
+        return ids
+
     def _piece(self, piece: str) -> list[int]:
         cache = self._cache
         ids = cache.get(piece)
@@ -179,13 +219,22 @@ class PromptEncoder:
             return ids
         self.misses += 1
         ids = list(self.tokenizer.encode(piece, add_special_tokens=False))
-        if len(piece) <= self.max_chars // 4:
-            cache[piece] = ids
-            self._chars += len(piece)
-            while len(cache) > self.max_entries or self._chars > self.max_chars:
-                old, _ = cache.popitem(last=False)
-                self._chars -= len(old)
+        self._store(piece, ids)
         return ids
+
+    def _store(self, piece: str, ids: list[int]) -> None:
+        """Cache the ids of ``piece`` (most recent; the least recent go beyond the limits)."""
+        if len(piece) > self.max_chars // 4:
+            return
+        cache = self._cache
+        if piece in cache:
+            cache.move_to_end(piece)
+            return
+        cache[piece] = ids
+        self._chars += len(piece)
+        while len(cache) > self.max_entries or self._chars > self.max_chars:
+            old, _ = cache.popitem(last=False)
+            self._chars -= len(old)
 
 
 def _literal_added_tokens(tokenizer: Tokenizer) -> dict[str, int]:
@@ -264,32 +313,24 @@ class Preprocessor:
         """:meth:`prepare` with the heavy parts in a worker thread, so the event loop keeps
         serving meanwhile: a body over :data:`PARSE_IN_THREAD_BYTES` is also parsed there (JSON,
         validation, chat template: Python code, which yields the GIL to the loop every few ms),
-        a prompt over :data:`TOKENIZE_IN_THREAD_CHARS` is tokenized there (with the tokenizer's
-        GIL-releasing call). Same ids, same errors."""
+        more than :data:`TOKENIZE_IN_THREAD_CHARS` of text to tokenize is tokenized there (with
+        the tokenizer's GIL-releasing call; for a chat prompt, only its pieces the
+        :class:`PromptEncoder` has not cached count). Same ids, same errors."""
         arrived = time.perf_counter() if arrived is None else arrived
         if len(body) > PARSE_IN_THREAD_BYTES:
-            prompt, token_ids = await asyncio.to_thread(self._parse_and_encode, kind, body)
-            return self._finish(kind, prompt, token_ids, arrived)
-        prompt = self.parse(kind, body)
+            prompt = await asyncio.to_thread(self.parse, kind, body)
+        else:
+            prompt = self.parse(kind, body)
         text = prompt.text
         if prompt.token_ids is not None:
             token_ids = prompt.token_ids
+        elif not prompt.add_special_tokens:  # chat: cached pieces, the new ones off the loop
+            token_ids = await self.encoder.encode_async(text or "", thread_chars=TOKENIZE_IN_THREAD_CHARS)
         elif text is not None and len(text) > TOKENIZE_IN_THREAD_CHARS:
-            token_ids = await asyncio.to_thread(
-                _encode_off_loop, self.tokenizer, text, prompt.add_special_tokens
-            )
-        elif prompt.add_special_tokens:
-            token_ids = list(self.tokenizer.encode(text or "", add_special_tokens=True))
+            token_ids = await asyncio.to_thread(_encode_off_loop, self.tokenizer, text, True)
         else:
-            token_ids = self.encoder.encode(text or "")
+            token_ids = list(self.tokenizer.encode(text or "", add_special_tokens=True))
         return self._finish(kind, prompt, token_ids, arrived)
-
-    def _parse_and_encode(self, kind: RequestKind, body: bytes) -> tuple[_Prompt, list[int]]:
-        """:meth:`parse` and tokenize, for a worker thread (no shared cache touched)."""
-        prompt = self.parse(kind, body)
-        if prompt.token_ids is not None:
-            return prompt, prompt.token_ids
-        return prompt, _encode_off_loop(self.tokenizer, prompt.text or "", prompt.add_special_tokens)
 
     def parse(self, kind: RequestKind, body: bytes) -> _Prompt:
         """Validate the body, check the model and the prompt's length in characters, apply the
@@ -452,6 +493,16 @@ def _max_token_chars(tokenizer: Tokenizer) -> int:
         return max(1, max((len(t) for t in vocab), default=1))
     except Exception:
         return FALLBACK_CHARS_PER_TOKEN
+
+
+def _encode_pieces_off_loop(tokenizer: Tokenizer, pieces: list[str]) -> list[list[int]]:
+    """``[tokenizer.encode(p) for p in pieces]`` (no BOS/EOS) for a worker thread, with the
+    GIL-releasing batch call of a wrapped Hugging Face tokenizer when there is one."""
+    hf = getattr(tokenizer, "_tk", None)
+    encode_batch = getattr(hf, "encode_batch", None)
+    if encode_batch is None:
+        return [list(tokenizer.encode(p, add_special_tokens=False)) for p in pieces]
+    return [list(e.ids) for e in encode_batch(pieces, add_special_tokens=False)]
 
 
 def _encode_off_loop(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
