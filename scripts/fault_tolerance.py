@@ -277,6 +277,10 @@ class Topology:
 
         subjects = Subjects(self.namespace)
         infos = await self.instances()
+        deadline = time.monotonic() + settle_s
+        while not infos and time.monotonic() < deadline:  # the bucket may be electing a leader
+            await asyncio.sleep(0.5)
+            infos = await self.instances()
         nc = await nats.connect(server_list(self.nats.url), connect_timeout=2)
         decoder = msgspec.msgpack.Decoder(WorkerStats | ErrorReply)
         report: dict[str, Any] = {"workers": 0, "in_use": 0, "pinned": 0, "integrity_failures": []}

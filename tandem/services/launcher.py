@@ -580,12 +580,13 @@ async def launch(cfg: LaunchConfig) -> int:
                     sup.adopt(child, node.argv, env)
                 pids = ", ".join(str(c.pid) for c in sup.children)
             how = f"users and permissions in {config}" if config else "no authentication (--no-nats-auth)"
-            what = "nats-server" if cfg.nats_cluster == 1 else f"{cfg.nats_cluster}-node NATS cluster"
-            print(
-                f"launcher: {what} (JetStream, R{cfg.replicas}{', TLS' if tls else ''}) at {nats_url}, "
-                f"pid {pids}, {how}",
-                file=sys.stderr,
+            tls_note = ", TLS" if tls else ""
+            what = (
+                f"nats-server (JetStream{tls_note})"
+                if cfg.nats_cluster == 1
+                else f"{cfg.nats_cluster}-node NATS cluster (JetStream, R{cfg.replicas}{tls_note})"
             )
+            print(f"launcher: {what} at {nats_url}, pid {pids}, {how}", file=sys.stderr)
         try:
             await prepare_jetstream(nats_url, cfg.namespace, own_auth, replicas=cfg.replicas)
         except LaunchError as e:
