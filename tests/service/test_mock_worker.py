@@ -494,3 +494,39 @@ async def test_engine_loop_end_burst_flushes_that_step() -> None:
     assert isinstance(first, tuple) and first[:2] == ("out", "b1") and len(first[2]) == 1
     assert loop.events[1] == "flush"
     assert sum(loop.outputs_per_flush()) == 40
+
+
+async def test_engine_loop_overlaps_output_handling_with_the_next_pass() -> None:
+    """Handing a pass's outputs over (publishing) overlaps the next simulated pass, as a real
+    engine's output processing overlaps its next forward pass: 40 steps whose outputs each take
+    3 ms of CPU to hand over last about their simulated time, not that plus 40 × 3 ms."""
+    config = EngineConfig(engine="mock", speedup_ratio=1.0, num_blocks=64, max_num_seqs=4)
+    client = EngineClient(config, lambda _events: None, structlog.get_logger("test"))
+    simulated: list[float] = []
+    done = asyncio.Event()
+
+    async def on_outputs(outputs: list[RequestOutput]) -> None:
+        simulated.append(client.engine.last_step_simulated_s)
+        end = time.perf_counter() + 0.003  # the CPU work of publishing this pass's tokens
+        while time.perf_counter() < end:
+            pass
+        if any(o.finish_reason is not None for o in outputs):
+            done.set()
+
+    async def on_failure(message: str) -> None:
+        raise AssertionError(message)
+
+    await client.start()
+    client.start_loop(on_outputs, on_failure)
+    try:
+        await client.call(client.engine.add_request, "p1", prompt(20), seeded(40))
+        t0 = time.perf_counter()
+        client.wake()
+        async with asyncio.timeout(30):
+            await done.wait()
+        elapsed = time.perf_counter() - t0
+    finally:
+        await client.close()
+    assert len(simulated) == 40
+    total = sum(simulated)
+    assert total - 0.005 < elapsed < total + 0.06, (elapsed, total)  # not total + 0.12 s

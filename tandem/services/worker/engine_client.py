@@ -12,7 +12,10 @@ to the worker on the asyncio loop, in order.
   no model: well under a millisecond), so a process hosting hundreds of mock workers has no
   thread per worker and an idle worker costs nothing but one awaited ``asyncio.Event``. After a
   step the loop sleeps ``engine.last_step_simulated_s`` minus the real time the step took before
-  reporting its outputs: the mock's timing is reproduced, and other workers run meanwhile.
+  reporting its outputs: the mock's timing is reproduced, and other workers run meanwhile. The
+  next pass is timed from the end of that one (when there is more work), not from after its
+  outputs were handed over: publishing a pass's tokens overlaps the next pass, as a real
+  engine's output processing overlaps its next forward pass (at most one pass of overlap).
   A step whose simulated time already passed while it ran (a high ``--speedup-ratio``: the
   worker is CPU-bound, not timed) does not yield: the next step runs at once, for up to
   :data:`MAX_BURST_S` (shared by the process's CPU-bound workers: a loop cycle stays about that
@@ -263,10 +266,21 @@ class EngineClient:
     ) -> None:
         burst_t0 = budget_s = 0.0
         burst_steps = 0
+        #: Mock: when the last waited-out pass ended on the simulated device, and its length.
+        paced_until: float | None = None
+        paced_s = 0.0
         while True:
             await self._wake.wait()
             self._wake.clear()
             t0 = time.perf_counter()
+            if paced_until is not None:
+                # The simulated device started this pass when the last one ended: handing the
+                # last pass's outputs over (publishing its tokens) overlapped with it, as a real
+                # engine's output processing overlaps its next forward pass. At most one pass
+                # of overlap: a loop late by more than that starts the pass now.
+                if t0 - paced_until <= paced_s:
+                    t0 = paced_until
+                paced_until = None
             try:
                 outputs, more, progressed, simulated_s, snapshot = await self.call(self._step_job)
             except Exception as exc:
@@ -310,6 +324,8 @@ class EngineClient:
                 # The simulated duration of the step (at least a yield: inline steps must not
                 # starve the other workers of this loop).
                 await asyncio.sleep(max(0.0, wait_s))
+                if more and progressed:
+                    paced_until, paced_s = t0 + simulated_s, simulated_s
             if more:
                 if not outputs and not progressed:
                     # Work exists but nothing could run (e.g. waiting for pinned or importing
