@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tandem.engine.tokenizer import Tokenizer
-from tandem.services.frontend import preprocess
+from tandem.services.frontend import batch_encode, preprocess
 from tandem.services.frontend.preprocess import TOKENIZE_IN_THREAD_CHARS, Preprocessor, PromptEncoder
 
 MODEL = "smollm2-135m-instruct"
@@ -39,10 +39,8 @@ def threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = asyncio.to_thread
 
     async def counting(fn: Any, *args: Any, **kw: Any) -> Any:
-        if fn is preprocess._encode_pieces_off_loop:
+        if fn is batch_encode.encode_texts:
             calls.append(sum(len(p) for p in args[1]))
-        elif fn is preprocess._encode_off_loop:
-            calls.append(len(args[1]))
         return await real(fn, *args, **kw)
 
     monkeypatch.setattr(preprocess.asyncio, "to_thread", counting)

@@ -8,10 +8,13 @@ the prompt's full blocks once. Everything here raises :class:`OpenAIError` (400/
 touches neither NATS nor HTTP.
 
 Event loop: :meth:`Preprocessor.prepare_async` parses a body larger than
-:data:`PARSE_IN_THREAD_BYTES` and tokenizes more than :data:`TOKENIZE_IN_THREAD_CHARS` of new
-text in a worker thread (tokenizing with the tokenizer's GIL-releasing batch call), so a long prompt
-(up to ~0.5 s of tokenizing at the character limit) or a huge conversation does not stall the
-other requests; :meth:`Preprocessor.prepare` does everything inline.
+:data:`PARSE_IN_THREAD_BYTES` in a worker thread, and tokenizes more than
+:data:`TOKENIZE_IN_THREAD_CHARS` of new text off the loop through a
+:class:`~tandem.services.frontend.batch_encode.BatchEncoder`: the new text of the requests that
+arrive together goes to a worker thread as one GIL-releasing batch call, so a burst of requests
+is tokenized in parallel instead of one after the other on the loop, and a long prompt (up to
+~0.5 s of tokenizing at the character limit) or a huge conversation does not stall the other
+requests; :meth:`Preprocessor.prepare` does everything inline.
 
 Chat prompts are encoded by a :class:`PromptEncoder`: the tokenizer splits text at its special
 tokens (``<|im_start|>``, ``<|im_end|>``) and encodes the pieces between them independently, so
@@ -44,6 +47,7 @@ from tandem.protocol.openai import (
     decode_completion_request,
     stop_list,
 )
+from tandem.services.frontend.batch_encode import BatchEncoder, encode_texts
 
 __all__ = [
     "DEFAULT_COMPLETION_MAX_TOKENS",
@@ -60,9 +64,11 @@ __all__ = [
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 #: A ``temperature`` below this samples greedily (sent as 0.0), as vLLM does (``_SAMPLING_EPS``).
 GREEDY_TEMPERATURE = 1e-5
-#: Prompts longer than this (characters, after the chat template) are tokenized in a worker
-#: thread by :meth:`Preprocessor.prepare_async` (~10 ms of tokenizing on one core).
-TOKENIZE_IN_THREAD_CHARS = 16 * 1024
+#: New text longer than this (characters) is tokenized off the event loop by
+#: :meth:`Preprocessor.prepare_async`, batched with the other requests' new text
+#: (:class:`~tandem.services.frontend.batch_encode.BatchEncoder`; ~1.5 ms of tokenizing on one
+#: core; shorter text costs less inline than the hand-off to the thread).
+TOKENIZE_IN_THREAD_CHARS = 1024
 #: Bodies larger than this (bytes) are parsed in a worker thread by
 #: :meth:`Preprocessor.prepare_async` (a few ms of decoding and validating on one core).
 PARSE_IN_THREAD_BYTES = 64 * 1024
@@ -134,8 +140,17 @@ class PromptEncoder:
         "<s> </s><unk>[INST] hi [/INST]<|eot_id|>",
     )
 
-    def __init__(self, tokenizer: Tokenizer, *, max_entries: int = 4096, max_chars: int = 8 << 20) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        max_entries: int = 4096,
+        max_chars: int = 8 << 20,
+        batcher: BatchEncoder | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
+        #: Where :meth:`encode_async` sends text to tokenize off the loop (None: a thread each).
+        self.batcher = batcher
         self.max_entries = max_entries
         self.max_chars = max_chars
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
@@ -181,7 +196,7 @@ class PromptEncoder:
         split = self._split
         if split is None:
             if len(text) > thread_chars:
-                return await asyncio.to_thread(_encode_off_loop, self.tokenizer, text, False)
+                return (await self._off_loop([text]))[0]
             return self.encode(text)
         parts = split.split(text)
         cache = self._cache
@@ -192,7 +207,7 @@ class PromptEncoder:
                 new[piece] = None
         if new and sum(map(len, new)) > thread_chars:
             pieces = list(new)
-            encoded = await asyncio.to_thread(_encode_pieces_off_loop, self.tokenizer, pieces)
+            encoded = await self._off_loop(pieces)
             fresh = dict(zip(pieces, encoded, strict=True))
         else:
             fresh = {}
@@ -209,6 +224,11 @@ class PromptEncoder:
                     self._store(piece, got)
                     ids += got
         return ids
+
+    async def _off_loop(self, texts: list[str]) -> list[list[int]]:
+        if self.batcher is not None:
+            return await self.batcher.encode(texts)
+        return await asyncio.to_thread(encode_texts, self.tokenizer, texts)
 
     def _piece(self, piece: str) -> list[int]:
         cache = self._cache
@@ -286,7 +306,9 @@ class Preprocessor:
         self._block_size = block_size
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids: frozenset[int] = frozenset([eos]) if isinstance(eos, int) else frozenset()
-        self.encoder = PromptEncoder(tokenizer)
+        #: Tokenizes the new text of concurrent requests together, off the loop.
+        self.batcher = BatchEncoder(tokenizer)
+        self.encoder = PromptEncoder(tokenizer, batcher=self.batcher)
         #: Characters one token covers at most (the longest vocabulary entry).
         self.max_token_chars = _max_token_chars(tokenizer)
         #: A prompt (completion text, or chat message contents together) longer than this,
@@ -327,7 +349,7 @@ class Preprocessor:
         elif not prompt.add_special_tokens:  # chat: cached pieces, the new ones off the loop
             token_ids = await self.encoder.encode_async(text or "", thread_chars=TOKENIZE_IN_THREAD_CHARS)
         elif text is not None and len(text) > TOKENIZE_IN_THREAD_CHARS:
-            token_ids = await asyncio.to_thread(_encode_off_loop, self.tokenizer, text, True)
+            token_ids = _with_special_tokens(self.tokenizer, (await self.batcher.encode([text]))[0])
         else:
             token_ids = list(self.tokenizer.encode(text or "", add_special_tokens=True))
         return self._finish(kind, prompt, token_ids, arrived)
@@ -495,34 +517,12 @@ def _max_token_chars(tokenizer: Tokenizer) -> int:
         return FALLBACK_CHARS_PER_TOKEN
 
 
-def _encode_pieces_off_loop(tokenizer: Tokenizer, pieces: list[str]) -> list[list[int]]:
-    """``[tokenizer.encode(p) for p in pieces]`` (no BOS/EOS) for a worker thread, with the
-    GIL-releasing batch call of a wrapped Hugging Face tokenizer when there is one."""
-    hf = getattr(tokenizer, "_tk", None)
-    encode_batch = getattr(hf, "encode_batch", None)
-    if encode_batch is None:
-        return [list(tokenizer.encode(p, add_special_tokens=False)) for p in pieces]
-    return [list(e.ids) for e in encode_batch(pieces, add_special_tokens=False)]
-
-
-def _encode_off_loop(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    """``tokenizer.encode(text, add_special_tokens)`` for a worker thread.
-
-    A wrapped Hugging Face tokenizer's ``encode`` holds the GIL for the whole call (the event
-    loop would stall anyway); its ``encode_batch`` releases it, so that is used, on a batch of
-    one (same pipeline, same ids), with BOS/EOS added as :meth:`Tokenizer.encode` does.
-    Anything else falls back to ``tokenizer.encode``.
-    """
-    hf = getattr(tokenizer, "_tk", None)
-    encode_batch = getattr(hf, "encode_batch", None)
-    if encode_batch is None:
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-    ids: list[int] = list(encode_batch([text], add_special_tokens=False)[0].ids)
-    if add_special_tokens:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if getattr(tokenizer, "add_bos_token", False) and bos is not None:
-            ids = [bos, *ids]
-        if getattr(tokenizer, "add_eos_token", False) and eos is not None:
-            ids = [*ids, eos]
+def _with_special_tokens(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` with BOS/EOS added as :meth:`Tokenizer.encode` does with ``add_special_tokens``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if getattr(tokenizer, "add_bos_token", False) and bos is not None:
+        ids = [bos, *ids]
+    if getattr(tokenizer, "add_eos_token", False) and eos is not None:
+        ids = [*ids, eos]
     return ids
