@@ -101,7 +101,9 @@ def _start(tmp: Path) -> Cluster:
             raise AssertionError(f"launcher not ready:\n{run.output()[-3000:]}\n{log_tails(log_dir)}")
         time.sleep(0.3)
     m = re.search(r"NATS cluster \(JetStream, R3, TLS\) at (\S+), pid", run.output())
-    assert m, run.output()[-2000:]
+    if m is None:  # stop what was started before failing, or it outlives the test session
+        _stop(run)
+        raise AssertionError(f"no NATS cluster line in the launcher's output:\n{run.output()[-3000:]}")
     run.nats_url = m.group(1)
     return run
 

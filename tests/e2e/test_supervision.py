@@ -119,7 +119,9 @@ def _start(tmp: Path) -> Launched:
             raise AssertionError(f"launcher not ready:\n{run.output()[-3000:]}\n{log_tails(log_dir)}")
         time.sleep(0.3)
     m = re.search(r"nats-server \(JetStream\) at (nats://\S+), pid \d+,", run.output())
-    assert m, run.output()
+    if m is None:  # stop what was started before failing, or it outlives the test session
+        _stop(run)
+        raise AssertionError(f"no nats-server line in the launcher's output:\n{run.output()[-3000:]}")
     run.nats_url = m.group(1)
     run.record_descendants()
     return run
