@@ -105,16 +105,14 @@ class NatsServer:
 
     def __init__(self, log_dir: Path, nodes: int = 1) -> None:
         from tandem.services.auth import new_password
-        from tandem.services.nats_embedded import cluster_url, nats_server_binary, plan_cluster
+        from tandem.services.nats_embedded import cluster_url, nats_argv, plan_cluster
 
-        self.binary = nats_server_binary()
         self.log_dir = log_dir
         self.store = log_dir / "nats-store"
         self.store.mkdir(parents=True, exist_ok=True)
         if nodes == 1:
             self.port = free_port()
-            argv = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)]
-            self.nodes = [("nats", self.port, argv)]
+            self.nodes = [("nats", self.port, nats_argv(str(self.store), self.port))]
             self.url = f"nats://127.0.0.1:{self.port}"
         else:
             planned = plan_cluster(nodes, log_dir, self.store, new_password())

@@ -74,11 +74,15 @@ class Tokenizer:
         their ids. ``add_special_tokens`` adds BOS/EOS where ``tokenizer_config.json`` says so
         (SmolLM2: neither)."""
         ids: list[int] = self._tk.encode(text, add_special_tokens=False).ids
-        if add_special_tokens:
-            if self.add_bos_token and self.bos_token_id is not None:
-                ids = [self.bos_token_id, *ids]
-            if self.add_eos_token and self.eos_token_id is not None:
-                ids = [*ids, self.eos_token_id]
+        return self.with_special_tokens(ids) if add_special_tokens else ids
+
+    def with_special_tokens(self, ids: list[int]) -> list[int]:
+        """``ids`` with BOS/EOS added where ``tokenizer_config.json`` says so (what
+        :meth:`encode` does with ``add_special_tokens``; SmolLM2: neither)."""
+        if self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        if self.add_eos_token and self.eos_token_id is not None:
+            ids = [*ids, self.eos_token_id]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -493,11 +493,13 @@ def server_config(users: Sequence[NatsUser], *, header: str = "") -> str:
     return "\n".join(lines)
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path``, readable by its owner only (0600, also when the
+    file existed with other permissions): passwords, keys, configs that hold secrets."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, text.encode("utf-8"))
+        os.write(fd, data.encode("utf-8") if isinstance(data, str) else data)
     finally:
         os.close(fd)
 
@@ -509,9 +511,9 @@ def write_credentials(directory: str | Path, users: Sequence[NatsUser], *, heade
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     conf = d / "nats.conf"
-    _write_private(conf, server_config(users, header=header))
+    write_private(conf, server_config(users, header=header))
     for u in users:
-        _write_private(d / f"{u.name}.password", u.password + "\n")
+        write_private(d / f"{u.name}.password", u.password + "\n")
     return conf
 
 

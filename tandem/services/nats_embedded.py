@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tandem.services.auth import write_private
 from tandem.services.launch_plan import LaunchError
 from tandem.services.processes import Child, spawn, stop_children, tail
 
@@ -141,9 +142,7 @@ def write_tls_files(directory: str | Path, hosts: tuple[str, ...] = ("127.0.0.1"
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    write_private(files.key, pem)
     return files
 
 
@@ -295,10 +294,8 @@ def plan_cluster(
         store = store_root / f"node-{i}"
         store.mkdir(parents=True, exist_ok=True)
         conf = config_dir / f"nats-node-{i}.conf"
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            include = None if users_config is None else os.path.relpath(users_config, config_dir)
-            f.write(node_config(i, ports, store, route_password, include, tls))
+        include = None if users_config is None else os.path.relpath(users_config, config_dir)
+        write_private(conf, node_config(i, ports, store, route_password, include, tls))
         nodes.append(
             ClusterNode(f"nats-{i}", ports[i][0], ports[i][1], store, conf, [binary, "-c", str(conf)])
         )

@@ -260,3 +260,30 @@ def start_stack(
         time.sleep(0.5)
     stack.descendants = psutil.Process(proc.pid).children(recursive=True)
     return stack
+
+
+def launch_until_ready(
+    args: Sequence[str], out_path: Path, log_dir: Path, timeout_s: float = 150
+) -> subprocess.Popen[str]:
+    """Start ``python -m tandem.services.launcher *args`` (its output in ``out_path``) and wait
+    until it prints that it is ready. If it exits or is not ready within ``timeout_s``, it is
+    killed and ``AssertionError`` carries its output and the services' log tails."""
+    with out_path.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.services.launcher", *args],
+            cwd=REPO,
+            env=launcher_env(None),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    deadline = time.monotonic() + timeout_s
+    while "tandem is ready" not in out_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(10)
+            output = out_path.read_text(errors="replace")
+            raise AssertionError(f"launcher not ready:\n{output[-3000:]}\n{log_tails(log_dir)}")
+        time.sleep(0.3)
+    return proc

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -55,8 +54,8 @@ from tandem.protocol.messages import (
     WorkerStatsRequest,
     encode,
 )
-from tests.conftest import REPO, free_port
-from tests.e2e.conftest import launcher_env, log_tails
+from tests.conftest import free_port
+from tests.e2e.conftest import launch_until_ready, log_tails
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -174,28 +173,14 @@ class Stack:
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-client", daemon=True)
         self.thread.start()
         self.out = tmp / "launcher.out"
-        argv = [
-            sys.executable, "-m", "tandem.services.launcher", "--no-nats-auth",
+        args = [
+            "--no-nats-auth",
             "--nats-port", str(self.nats_port), "--port", str(self.port), "--namespace", NS,
             "--log-dir", str(tmp / "logs"), "--engine", "mock", "--speedup-ratio", "1000000",
             "--prefill", "1", "--decode", "1", "--workers-per-process", "1", "--disagg-min-tokens", "0",
             "--kv-ttl-s", "2", "--ready-timeout", "120",
         ]  # fmt: skip
-        with self.out.open("w") as f:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=launcher_env(None),
-                stdin=subprocess.DEVNULL,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 150
-        while "tandem is ready" not in self.out.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"not ready:\n{self.out.read_text()[-3000:]}")
-            time.sleep(0.3)
+        self.proc = launch_until_ready(args, self.out, tmp / "logs")
         self.nc = self.run(nats.connect(f"nats://127.0.0.1:{self.nats_port}"))
         self.js = self.nc.jetstream()
 
@@ -272,6 +257,8 @@ def test_notice_subjects_take_anything(stack: Stack, kind: str, subject: str) ->
 
     check()
     stack.run(stack.nc.flush())
+    for service in ("router", "indexer"):  # still answering after every notice
+        assert isinstance(stack.request(_S.health(service), encode(HealthRequest())), bytes), service
 
 
 def test_kv_event_stream_takes_anything(stack: Stack) -> None:
@@ -283,6 +270,7 @@ def test_kv_event_stream_takes_anything(stack: Stack) -> None:
         stack.run(stack.js.publish(_S.kv_events("decode-0"), data))
 
     check()
+    assert isinstance(stack.request(_S.health("indexer"), encode(HealthRequest())), bytes)
 
 
 def test_everything_still_serves_with_intact_pools(stack: Stack) -> None:

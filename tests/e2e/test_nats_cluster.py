@@ -20,7 +20,6 @@ import re
 import signal
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ import pytest
 from tandem.protocol import Subjects
 from tandem.services.auth import NatsAuth, password_file, server_list
 from tandem.services.indexer import snapshot_bucket
-from tests.conftest import REPO, free_port
-from tests.e2e.conftest import launcher_env, log_tails
+from tests.conftest import free_port
+from tests.e2e.conftest import launch_until_ready, log_tails
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -76,30 +75,15 @@ def _start(tmp: Path) -> Cluster:
     port = free_port()
     log_dir, auth_dir, out_path = tmp / "logs", tmp / "auth", tmp / "launcher.out"
     log_dir.mkdir(parents=True)
-    argv = [
-        sys.executable, "-m", "tandem.services.launcher",
+    args = [
         "--nats-cluster", "3", "--nats-tls",
         "--port", str(port), "--namespace", NS, "--log-dir", str(log_dir),
         "--nats-auth-dir", str(auth_dir), "--ready-timeout", "120",
         "--engine", "mock", "--speedup-ratio", "20", "--workers-per-process", "1",
         "--prefill", "1", "--decode", "2", "--disagg-min-tokens", "0",
     ]  # fmt: skip
-    with out_path.open("w") as out:
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=launcher_env(None),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = launch_until_ready(args, out_path, log_dir)
     run = Cluster(proc, f"http://127.0.0.1:{port}", log_dir, auth_dir, out_path)
-    deadline = time.monotonic() + 150
-    while "tandem is ready" not in run.output():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"launcher not ready:\n{run.output()[-3000:]}\n{log_tails(log_dir)}")
-        time.sleep(0.3)
     m = re.search(r"NATS cluster \(JetStream, R3, TLS\) at (\S+), pid", run.output())
     if m is None:  # stop what was started before failing, or it outlives the test session
         _stop(run)

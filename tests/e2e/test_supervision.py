@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,8 +37,8 @@ from tandem.protocol import Subjects
 from tandem.protocol.messages import InstanceInfo
 from tandem.services.auth import NatsAuth, password_file
 from tandem.services.discovery import InstanceRegistry
-from tests.conftest import REPO, free_port
-from tests.e2e.conftest import launcher_env, log_tails
+from tests.conftest import free_port
+from tests.e2e.conftest import launch_until_ready, log_tails
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -95,29 +94,14 @@ def _start(tmp: Path) -> Launched:
     auth_dir = tmp / "auth"
     log_dir.mkdir(parents=True)
     out_path = tmp / "launcher.out"
-    argv = [
-        sys.executable, "-m", "tandem.services.launcher",
+    args = [
         "--port", str(port), "--namespace", NS, "--log-dir", str(log_dir),
         "--nats-auth-dir", str(auth_dir), "--ready-timeout", "120",
         "--engine", "mock", "--speedup-ratio", "1000000", "--router-mode", "round-robin",
         "--prefill", "2", "--decode", "2", "--workers-per-process", "1", "--disagg-min-tokens", "0",
     ]  # fmt: skip
-    with out_path.open("w") as out:
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=launcher_env(None),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = launch_until_ready(args, out_path, log_dir)
     run = Launched(proc, f"http://127.0.0.1:{port}", log_dir, auth_dir, out_path)
-    deadline = time.monotonic() + 150
-    while "tandem is ready" not in run.output():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"launcher not ready:\n{run.output()[-3000:]}\n{log_tails(log_dir)}")
-        time.sleep(0.3)
     m = re.search(r"nats-server \(JetStream\) at (nats://\S+), pid \d+,", run.output())
     if m is None:  # stop what was started before failing, or it outlives the test session
         _stop(run)

@@ -349,7 +349,7 @@ class Preprocessor:
         elif not prompt.add_special_tokens:  # chat: cached pieces, the new ones off the loop
             token_ids = await self.encoder.encode_async(text or "", thread_chars=TOKENIZE_IN_THREAD_CHARS)
         elif text is not None and len(text) > TOKENIZE_IN_THREAD_CHARS:
-            token_ids = _with_special_tokens(self.tokenizer, (await self.batcher.encode([text]))[0])
+            token_ids = self.tokenizer.with_special_tokens((await self.batcher.encode([text]))[0])
         else:
             token_ids = list(self.tokenizer.encode(text or "", add_special_tokens=True))
         return self._finish(kind, prompt, token_ids, arrived)
@@ -515,14 +515,3 @@ def _max_token_chars(tokenizer: Tokenizer) -> int:
         return max(1, max((len(t) for t in vocab), default=1))
     except Exception:
         return FALLBACK_CHARS_PER_TOKEN
-
-
-def _with_special_tokens(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
-    """``ids`` with BOS/EOS added as :meth:`Tokenizer.encode` does with ``add_special_tokens``."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if getattr(tokenizer, "add_bos_token", False) and bos is not None:
-        ids = [bos, *ids]
-    if getattr(tokenizer, "add_eos_token", False) and eos is not None:
-        ids = [*ids, eos]
-    return ids
