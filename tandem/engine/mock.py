@@ -34,9 +34,14 @@ index stores no 1.6.x file versions; from 1.5 on the docs say timing lives in th
     ``prefix`` = prompt tokens already computed or cached, i.e. the pass's uncached prompt
     tokens (Dynamo's integer means can round this down by < ``batch_count`` tokens; we use the
     exact sum). Zero on a decode worker.
-  - decode part: only if some request emits a token this pass ("ready": all its tokens computed,
-    which includes a request whose prefill completed in this very pass); zero on a prefill
-    worker ("the first decode token is produced as part of the prefill forward pass").
+  - decode part: only if some request *decodes* this pass, i.e. emits a token without computing
+    prompt tokens in it; zero on a prefill worker ("the first decode token is produced as part
+    of the prefill forward pass"). A request whose prefill completes in the pass emits its first
+    token as part of the prefill too, on an aggregated worker as well: measured on ai-dynamo
+    1.6.1's mocker (``--speedup-ratio 1``, one request at a time, streamed), TTFT is the same
+    with ``--decode-speedup-ratio 1e6`` as without (73 / 773 / 3021 prompt tokens: 24 / 34 / 65
+    ms either way), so its first pass carries no decode time. (The 1.2.0 source read above
+    counted such a request as "ready" and charged decode time for it; 1.6.1 does not.)
     ``active_kv_tokens = num_active_blocks × block_size`` (blocks holding references: in use by
     requests, held for a transfer) measured after the pass's allocations, ``total_kv_tokens =
     num_gpu_blocks × block_size``: so ``u`` = used blocks / total blocks (cached-but-free blocks
@@ -53,11 +58,13 @@ Older Dynamo (``lib/llm/src/mocker/scheduler.rs``, 0.x) summed a per-request pre
 (batch-chunked) and always added the decode time of the pass; the layout moved to
 ``lib/mocker`` later, with the semantics above.
 
-Mapping onto tandem: Dynamo's worker types are per worker, ours per request. A ``prefill_only``
-request's first token is "part of the prefill pass" (adds no decode time); every other sampling
-request counts as decoding. An imported request (decode side) never schedules prompt tokens,
-so it adds no prefill time; after a preemption its recompute does count (real work, unlike
-Dynamo's decode worker which never charges prefill). ``u`` = ``kv.stats().in_use / num_blocks``
+Mapping onto tandem: Dynamo's worker types are per worker, ours per request. A request that
+computes prompt tokens in a pass (a prefill chunk, the final one included, or a recompute after
+preemption) counts as prefilling in that pass, never as decoding; a ``prefill_only`` request
+never decodes. Every other request that samples a token counts as decoding. An imported
+request (decode side) never schedules prompt tokens, so it adds no prefill time; after a
+preemption its recompute does count (real work, unlike Dynamo's decode worker which never
+charges prefill). ``u`` = ``kv.stats().in_use / num_blocks``
 (pinned blocks included: Dynamo's held source blocks are active too).
 """
 
@@ -121,8 +128,8 @@ class PassCost:
     Attributes:
         prefill_tokens: uncached prompt tokens computed (tokens; Dynamo's ``T``).
         num_prefill_seqs: sequences that computed prompt tokens.
-        num_decode_seqs: sequences that emitted a token and count as decoding (not
-            ``prefill_only``).
+        num_decode_seqs: sequences that emitted a token without computing prompt tokens this
+            pass (decoding; never ``prefill_only``).
         kv_usage: used / total KV blocks after the step's allocations (Dynamo's ``u``).
         prefill_ms: :func:`prefill_time_ms` of ``prefill_tokens`` (ms, unscaled).
         decode_ms: :func:`decode_time_ms` of ``kv_usage`` if anything decoded, else 0 (ms,
@@ -154,7 +161,7 @@ def pass_cost(out: SchedulerOutput, kv_usage: float, speedup_ratio: float = 1.0)
         if prompt > 0:
             prefill_tokens += prompt
             num_prefill += 1
-        if item.samples and not seq.prefill_only:
+        elif item.samples and not seq.prefill_only:
             num_decode += 1
     prefill_ms = prefill_time_ms(prefill_tokens)
     decode_ms = decode_time_ms(kv_usage) if num_decode else 0.0

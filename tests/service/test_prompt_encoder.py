@@ -113,3 +113,17 @@ async def test_prepare_async_long_chat_uses_the_cache(tokenizer: Tokenizer, thre
         inline = pre.prepare("chat", body)
         assert threaded.token_ids == inline.token_ids and threaded.block_hashes == inline.block_hashes
     assert len(threads) == 1  # the system prompt once, then from the cache
+
+
+async def test_warm_up_runs_the_request_path_and_leaves_the_caches(
+    tokenizer: Tokenizer, threads: list[int]
+) -> None:
+    pre = Preprocessor(tokenizer, model_name=MODEL, max_model_len=32768, block_size=lambda: 16)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello there, 12 cats."}]})
+    before = pre.prepare("chat", body.encode())
+    cached = dict(pre.encoder._cache)
+    assert await pre.warm_up() > 0
+    assert len(threads) == 1 and pre.batcher.batches == 1  # the worker thread and the batch call ran
+    assert dict(pre.encoder._cache) == cached  # no warm-up piece stored, none evicted
+    after = await pre.prepare_async("chat", body.encode())
+    assert (after.token_ids, after.block_hashes) == (before.token_ids, before.block_hashes)

@@ -112,9 +112,16 @@ def test_pass_cost_combines_prefill_and_decode() -> None:
     assert (decode.prefill_tokens, decode.prefill_ms) == (0, 0.0)
     assert decode.simulated_s == pytest.approx(26.31 / 1e3)
 
+    # a's final chunk samples its first token as part of the prefill; b decodes.
     mixed = pass_cost(SchedulerOutput([item(b, 20, 1), item(a, 64, 36)]), kv_usage=0.25, speedup_ratio=10.0)
-    assert (mixed.prefill_tokens, mixed.num_prefill_seqs, mixed.num_decode_seqs) == (36, 1, 2)
+    assert (mixed.prefill_tokens, mixed.num_prefill_seqs, mixed.num_decode_seqs) == (36, 1, 1)
     assert mixed.simulated_s == pytest.approx((prefill_time_ms(36) + 17.63375) / 1e3 / 10.0)
+
+    # A prefill that completes alone adds no decode time (measured on Dynamo 1.6.1's mocker: the
+    # same TTFT with decode time scaled away as without).
+    final = pass_cost(SchedulerOutput([item(a, 64, 36)]), kv_usage=0.25)
+    assert (final.prefill_tokens, final.num_decode_seqs, final.decode_ms) == (36, 0, 0.0)
+    assert final.simulated_s == pytest.approx(prefill_time_ms(36) / 1e3)
 
     # A prefill-only request's first token is part of the prefill pass (Dynamo's prefill worker).
     handoff = pass_cost(SchedulerOutput([item(c, 0, 30)]), kv_usage=0.25)
@@ -133,8 +140,8 @@ def test_recomputed_output_tokens_are_not_prompt_tokens() -> None:
 def test_engine_reports_simulated_step_time() -> None:
     eng = make(speedup_ratio=4.0)
     eng.add_request("r", prompt(40), SEEDED)
-    eng.step()  # 40 uncached prompt tokens, samples the first token; 3 blocks of 64 in use
-    expected = (prefill_time_ms(40) + decode_time_ms(3 / 64)) / 1e3 / 4.0
+    eng.step()  # 40 uncached prompt tokens, samples the first token as part of the prefill
+    expected = prefill_time_ms(40) / 1e3 / 4.0
     assert eng.last_step_simulated_s == pytest.approx(expected)
     assert eng.executor.last_step_simulated_s == eng.last_step_simulated_s
     eng.step()  # one decode token

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
+
 from tandem.engine.tokenizer import Tokenizer
 from tandem.kvbm.hashing import compute_block_hashes
 from tandem.protocol.messages import SamplingParams
@@ -316,6 +318,28 @@ class Preprocessor:
         #: false refusal: a byte-level vocabulary entry of ``k`` characters covers ``k`` bytes,
         #: and a character is at least one byte.
         self.max_prompt_chars = max_model_len * self.max_token_chars
+
+    async def warm_up(self) -> float:
+        """Run the request path once on a synthetic chat request, so the first client request
+        does not pay the one-time costs; returns the seconds it took.
+
+        Measured on this CPU, the first ``prepare_async`` of a process took ~22 ms against ~3 ms
+        for the next ones: the Hugging Face tokenizer sets up its thread pool on the first batch
+        call, the chat template and the validators run for the first time, the worker thread is
+        started. The synthetic text is short and its pieces are not cached
+        (:class:`PromptEncoder` stores nothing here), so the caches are left as they were.
+        """
+        t0 = time.perf_counter()
+        text = "Warm-up: tokenize this 123 text, and hash its blocks. " * 8
+        # Validation and the chat template, as a request runs them (the model name is ours).
+        body = msgspec.json.encode(
+            {"model": self.model_name, "messages": [{"role": "user", "content": "warm up"}]}
+        )
+        self.parse("chat", body)
+        ids = (await self.batcher.encode([text]))[0]  # the worker thread and the batch call
+        ids += self.tokenizer.encode(text, add_special_tokens=False)  # the inline call
+        compute_block_hashes(ids, max(1, self._block_size()))
+        return time.perf_counter() - t0
 
     def prepare(self, kind: RequestKind, body: bytes, arrived: float | None = None) -> PreparedRequest:
         """Validate and tokenize a request body inline; raises :class:`OpenAIError` (400/404)."""

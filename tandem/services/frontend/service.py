@@ -123,12 +123,16 @@ class Frontend:
 
     # -- life cycle
     async def start(self) -> None:
-        """Start discovery, subscribe the inboxes and serve the public NATS subjects (queue group
-        ``frontend``)."""
+        """Start discovery, subscribe the inboxes, warm the preprocessor up
+        (:meth:`~.preprocess.Preprocessor.warm_up`) and serve the public NATS subjects (queue
+        group ``frontend``)."""
         if self._registry is None:
             self._registry = InstanceRegistry(self.nc.jetstream(), self.subjects)
             await self._registry.start()
         await self.inbox.start()
+        # Pay the request path's one-time costs now, not in the first client's TTFT.
+        took = await self.preprocessor.warm_up()
+        _log.debug("preprocessor_warmed_up", ms=round(took * 1e3, 1))
         await self.nats_api.start()
 
     async def stop_intake(self) -> None:
