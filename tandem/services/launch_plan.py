@@ -123,6 +123,13 @@ class LaunchConfig:
         f"{RESTART_STABLE_S:.0f} s of its start) before the launcher gives up and stops everything; "
         "0: never restart, any exit stops everything",
     )
+    decode_max_num_batched_tokens: int | None = option(
+        None,
+        help="--max-num-batched-tokens of the decode workers only (tokens per step; default: the "
+        "workers' --max-num-batched-tokens). A small budget keeps a decode worker's steps short when "
+        "it prefills a long prompt locally (the router's --max-prefill-queue-tokens): the prompt "
+        "goes in small chunks between decode tokens, so running streams' inter-token gaps stay small",
+    )
     log_level: str = option("info", help="services' log level")
     log_dir: str | None = option(None, help="where <process>.log files go (default: a temp dir)")
     smoke: bool = option(False, help="send one HTTP + one NATS request, then stop")
@@ -168,6 +175,11 @@ class LaunchConfig:
                 raise ValueError("--workers-per-process must be at least 1")
             if self.workers_per_process > 1 and self.engine.engine != "mock":
                 raise ValueError("--workers-per-process > 1 needs --engine mock (one model per process)")
+        if self.decode_max_num_batched_tokens is not None:
+            if self.decode_max_num_batched_tokens < 1:
+                raise ValueError("--decode-max-num-batched-tokens must be at least 1")
+            if self.aggregated:
+                raise ValueError("--decode-max-num-batched-tokens is for disaggregated decode workers")
         if not self.ready_timeout > 0:
             raise ValueError("--ready-timeout must be positive")
         if self.stop_grace < 0:
@@ -389,9 +401,14 @@ def plan_processes(
         )
         engine = dataclasses.replace(engine, num_threads=threads)
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    engine_args = to_argv(engine)
     worker_args = to_argv(cfg.worker, exclude=_WORKER_OWN)
     for role, names in workers:
+        role_engine = engine
+        if role == "decode" and cfg.decode_max_num_batched_tokens is not None:
+            role_engine = dataclasses.replace(
+                engine, max_num_batched_tokens=cfg.decode_max_num_batched_tokens
+            )
+        engine_args = to_argv(role_engine)
         for group in _chunks(names, cfg.per_process):
             name = group[0] if len(group) == 1 else f"{group[0]}..{group[-1].rsplit('-', 1)[1]}"
             hosting = ("--num-workers", str(len(group))) if len(group) > 1 else ()

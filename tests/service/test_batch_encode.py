@@ -60,3 +60,15 @@ async def test_a_cancelled_caller_does_not_break_the_batch(tokenizer: Tokenizer)
     assert await kept == [tokenizer.encode(t) for t in texts[2:]]
     with pytest.raises(asyncio.CancelledError):
         await gone
+
+
+async def test_a_text_sent_by_several_callers_is_encoded_once(tokenizer: Tokenizer) -> None:
+    enc = BatchEncoder(tokenizer)
+    shared = _texts(1, 7)[0] + " shared system prompt"
+    groups = [[shared, f"user {i}"] for i in range(6)]  # a burst of sessions, one system prompt
+    results = await asyncio.gather(*(enc.encode(g) for g in groups))
+    for group, ids in zip(groups, results, strict=True):
+        assert ids == [tokenizer.encode(t) for t in group]
+    assert enc.texts == 7  # the shared text once, each user text once
+    results[0][0].append(-1)  # every caller owns its lists
+    assert results[1][0] == tokenizer.encode(shared)

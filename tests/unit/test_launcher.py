@@ -102,6 +102,8 @@ def test_mock_engine_and_router_mode_flags() -> None:
         ["--engine", "mock", "--workers-per-process", "0"],
         ["--router-mode", "fastest"],
         ["--disagg-min-tokens", "-1"],
+        ["--decode-max-num-batched-tokens", "0"],
+        ["--aggregated", "--decode-max-num-batched-tokens", "64"],
         ["--bogus"],
     ],
 )
@@ -148,6 +150,20 @@ def test_aggregated_plan_has_only_both_workers() -> None:
     assert [(w.name, w.role) for w in workers] == [("worker-0", "both"), ("worker-1", "both")]
     assert all(_flag(w, "--threads") == "1" for w in workers)
     assert cfg.num_workers == 2
+
+
+def test_decode_workers_can_have_their_own_step_budget() -> None:
+    cfg = parse_args(
+        ["--max-num-batched-tokens", "1024", "--decode-max-num-batched-tokens", "64", "--decode", "2"]
+    )
+    specs = {s.name: s for s in plan_processes(cfg, NATS, cpu_count=2)}
+    assert _flag(specs["prefill-0"], "--max-num-batched-tokens") == "1024"
+    assert _flag(specs["decode-0"], "--max-num-batched-tokens") == "64"
+    assert _flag(specs["decode-1"], "--max-num-batched-tokens") == "64"
+    default = {s.name: s for s in plan_processes(parse_args([]), NATS, cpu_count=2)}
+    assert _flag(default["decode-0"], "--max-num-batched-tokens") == _flag(
+        default["prefill-0"], "--max-num-batched-tokens"
+    )
 
 
 def test_explicit_threads_model_dir_and_router_flag() -> None:

@@ -8,7 +8,8 @@ worker thread as ONE ``encode_batch`` call of the Hugging Face tokenizer (Rust: 
 released, the batch is spread over the cores); while it runs, the next batch gathers. The same
 8 prompts are ready together after ~14 ms on 2 cores, and the loop keeps serving meanwhile.
 
-Ids are exactly ``tokenizer.encode(text)``'s (no BOS/EOS added). A tokenizer that is not a
+Ids are exactly ``tokenizer.encode(text)``'s (no BOS/EOS added); a text that several callers
+sent in one batch is encoded once (each caller gets its own list). A tokenizer that is not a
 wrapped Hugging Face one is called text by text, still in the thread. An exception of the batch
 call is raised to every caller whose text was in that batch.
 """
@@ -47,7 +48,7 @@ class BatchEncoder:
         self.max_batch_chars = max_batch_chars
         self._queue: list[tuple[list[str], asyncio.Future[list[list[int]]]]] = []
         self._task: asyncio.Task[None] | None = None
-        #: Batch calls made, and texts encoded (for tests and stats).
+        #: Batch calls made, and distinct texts encoded (for tests and stats).
         self.batches = 0
         self.texts = 0
 
@@ -71,15 +72,20 @@ class BatchEncoder:
                 batch.append(item)
                 chars += sum(map(len, item[0]))
             flat = [t for texts, _ in batch for t in texts]
+            # A text several callers sent (requests sharing a system prompt that is not cached
+            # yet, e.g. a burst of new sessions) is encoded once.
+            unique = list(dict.fromkeys(flat))
             try:
-                encoded = await asyncio.to_thread(encode_texts, self.tokenizer, flat)
+                ids = await asyncio.to_thread(encode_texts, self.tokenizer, unique)
             except Exception as exc:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            by_text = dict(zip(unique, ids, strict=True))
+            encoded = [list(by_text[t]) for t in flat]
             self.batches += 1
-            self.texts += len(flat)
+            self.texts += len(unique)
             at = 0
             for texts, fut in batch:
                 if not fut.done():  # a caller that gave up (cancelled) is skipped
