@@ -23,13 +23,8 @@ from nats.js.kv import KeyValue
 
 from tandem.protocol import Subjects
 from tandem.protocol.messages import InstanceInfo, encode
-from tandem.services.runtime import (
-    HEARTBEAT_INTERVAL_S,
-    INSTANCE_TTL_S,
-    decode_as,
-    ensure_jetstream,
-    probe_liveness,
-)
+from tandem.services.messaging import decode_as, probe_liveness
+from tandem.services.runtime import HEARTBEAT_INTERVAL_S, INSTANCE_TTL_S, ensure_jetstream
 
 #: How long a stale entry's worker gets to answer a direct health probe (seconds).
 STALE_PROBE_TIMEOUT_S = 1.0

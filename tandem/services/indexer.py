@@ -85,12 +85,8 @@ from tandem.protocol.messages import (
     encode,
 )
 from tandem.services.discovery import InstanceRegistry
-from tandem.services.runtime import (
-    ServiceBase,
-    common_parser,
-    decode_as,
-    run_service,
-)
+from tandem.services.messaging import decode_as
+from tandem.services.runtime import ServiceBase, common_parser, run_service
 
 SERVICE = "indexer"
 #: Lag samples kept (the health answer reports their p50/p99) and the sampling period (messages).

@@ -47,7 +47,7 @@ from tandem.protocol.messages import (
     TokenChunk,
     encode,
 )
-from tandem.services import runtime
+from tandem.services import observability
 from tandem.services.discovery import InstanceRegistry
 from tandem.services.frontend import (
     Frontend,
@@ -60,7 +60,8 @@ from tandem.services.frontend import (
 from tandem.services.frontend.preprocess import PromptEncoder
 from tandem.services.frontend.render import DONE, renderer_for, stream_batches
 from tandem.services.frontend.service import parse_args
-from tandem.services.runtime import TaskTracker, connect, ensure_jetstream, serve
+from tandem.services.messaging import TaskTracker, serve
+from tandem.services.runtime import connect, ensure_jetstream
 from tests.conftest import free_port
 
 MODEL = "smollm2-135m-instruct"
@@ -212,7 +213,7 @@ async def _stop_frontend(nc: NatsClient, fe: Frontend, client: TestClient[Any, A
 async def module_env(nats_url: str, tokenizer: Tokenizer) -> AsyncIterator[Env]:
     ns = f"fe{uuid.uuid4().hex[:8]}"
     spans = InMemorySpanExporter()
-    runtime.setup_tracing("test-frontend", exporter=spans)
+    observability.setup_tracing("test-frontend", exporter=spans)
     nc, fe, client = await _start_frontend(nats_url, ns, tokenizer)
     router_nc = await connect(nats_url, "fake-router")
     router = FakeRouter(router_nc, Subjects(ns), tokenizer)
@@ -220,7 +221,7 @@ async def module_env(nats_url: str, tokenizer: Tokenizer) -> AsyncIterator[Env]:
     try:
         yield Env(nc, Subjects(ns), fe, router, client, tokenizer, spans)
     finally:
-        runtime.setup_tracing("test-frontend")  # stop recording into this exporter
+        observability.setup_tracing("test-frontend")  # stop recording into this exporter
         for t in list(router.tasks):
             t.cancel()
         await router_nc.close()

@@ -36,7 +36,8 @@ from tandem.services.frontend.config import API_KEY_ENV
 from tandem.services.frontend.preprocess import TOKENIZE_IN_THREAD_CHARS
 from tandem.services.frontend.service import build_parser
 from tandem.services.launch_plan import build_parser as launcher_parser
-from tandem.services.runtime import TaskTracker, connect
+from tandem.services.messaging import TaskTracker
+from tandem.services.runtime import connect
 from tests.service.test_frontend import MODEL, FakeRouter, chat_body, read_sse
 from tests.service.util import eventually
 

@@ -39,7 +39,8 @@ from schemathesis.checks import (
 from tandem.engine.tokenizer import Tokenizer
 from tandem.protocol import Subjects
 from tandem.services.frontend import Frontend, FrontendConfig, create_app
-from tandem.services.runtime import TaskTracker, connect
+from tandem.services.messaging import TaskTracker
+from tandem.services.runtime import connect
 from tests.conftest import free_port
 from tests.service.test_frontend import MODEL, FakeRouter, chat_body
 

@@ -31,7 +31,8 @@ from tandem.protocol.messages import (
 )
 from tandem.services.discovery import WorkerRegistration
 from tandem.services.indexer import IndexerConfig, KvIndexer
-from tandem.services.runtime import NoRespondersError, ServiceBase, connect, request
+from tandem.services.messaging import NoRespondersError, request
+from tandem.services.runtime import ServiceBase, connect
 from tests.service.util import eventually
 
 

@@ -40,7 +40,8 @@ from tandem.services.indexer import (
     KvIndexer,
     snapshot_bucket,
 )
-from tandem.services.runtime import ensure_jetstream, request
+from tandem.services.messaging import request
+from tandem.services.runtime import ensure_jetstream
 from tests.service.test_indexer import NO_SNAPSHOTS, Indexers, scores, stored
 from tests.service.util import eventually
 

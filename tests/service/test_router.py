@@ -36,8 +36,9 @@ from tandem.protocol.messages import (
     TokenChunk,
     encode,
 )
+from tandem.services.messaging import ServiceError, TaskTracker, serve
 from tandem.services.router import PrefillRouter, RouterConfig
-from tandem.services.runtime import ServiceBase, ServiceError, TaskTracker, ensure_jetstream, serve
+from tandem.services.runtime import ServiceBase, ensure_jetstream
 from tests.service.util import eventually
 
 BLOCK = 4

@@ -26,19 +26,18 @@ from tandem.protocol.messages import (
     OverlapScores,
     encode,
 )
-from tandem.services import runtime
+from tandem.services import messaging, observability
 from tandem.services.discovery import InstanceRegistry, WorkerRegistration
-from tandem.services.runtime import (
+from tandem.services.messaging import (
     NoRespondersError,
     RemoteError,
     RequestTimeoutError,
-    ServiceBase,
     ServiceError,
     TaskTracker,
-    ensure_jetstream,
     request,
     serve,
 )
+from tandem.services.runtime import ServiceBase, ensure_jetstream
 from tests.conftest import free_port, nats_server_binary
 
 
@@ -161,11 +160,11 @@ async def test_slow_handler_does_not_block_others(nc: NatsClient) -> None:
 
 async def test_traceparent_propagates(nc: NatsClient) -> None:
     exporter = InMemorySpanExporter()
-    runtime.setup_tracing("test-runtime", exporter=exporter)
+    observability.setup_tracing("test-runtime", exporter=exporter)
     subj = subject()
     sub = await serve(nc, subj, OverlapQuery, echo)
     try:
-        tracer = runtime.get_tracer("test")
+        tracer = observability.get_tracer("test")
         with tracer.start_as_current_span("client-root") as root:
             await request(nc, subj, OverlapQuery(request_id="t", block_hashes=[]), OverlapScores, timeout=2)
         trace_id = root.get_span_context().trace_id
@@ -186,7 +185,7 @@ async def test_traceparent_propagates(nc: NatsClient) -> None:
         assert server.attributes is not None and server.attributes["tandem.request_id"] == "t"
     finally:
         await sub.unsubscribe()
-        runtime.setup_tracing("test-runtime")  # stop recording into this exporter
+        observability.setup_tracing("test-runtime")  # stop recording into this exporter
 
 
 def make_info(iid: str, role: str = "both", heartbeat_at: float | None = None) -> InstanceInfo:
@@ -279,7 +278,7 @@ async def test_registry_probes_a_stale_entry_before_dropping_it(nc: NatsClient) 
         return Health(service="worker", instance_id="w1")
 
     tracker = TaskTracker()
-    sub = await runtime.serve(nc, subjects.worker_health("w1"), HealthRequest, health, tracker=tracker)
+    sub = await messaging.serve(nc, subjects.worker_health("w1"), HealthRequest, health, tracker=tracker)
     registry = InstanceRegistry(js, subjects, ttl_s=0.5, sweep_interval_s=0.1)
     await registry.start()
     try:

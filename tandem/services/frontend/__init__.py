@@ -105,7 +105,7 @@ Resources and their owners: the wildcard inbox subscription belongs to :class:`F
 (subscribed in ``start``, unsubscribed in ``close``); each request's inbox belongs to its
 :class:`TokenStream` (released on every exit path, through its :class:`Generation`); HTTP handler
 tasks belong to aiohttp; NATS request tasks belong to the service's
-:class:`~tandem.services.runtime.TaskTracker` (drained, then cancelled, at shutdown); the
+:class:`~tandem.services.messaging.TaskTracker` (drained, then cancelled, at shutdown); the
 instance registry watcher belongs to :class:`Frontend`. Tracing: one SERVER span per HTTP
 request (parent: an incoming ``traceparent`` header) or per public NATS request; the
 ``RouteRequest`` carries its context downstream.

@@ -51,7 +51,7 @@ from tandem.services.frontend.config import DEFAULT_MAX_REQUEST_BYTES
 from tandem.services.frontend.edge import authorization_error
 from tandem.services.frontend.preprocess import PreparedRequest, RequestKind
 from tandem.services.frontend.render import DONE
-from tandem.services.runtime import extract_context, get_logger, get_tracer
+from tandem.services.observability import extract_context, get_logger, get_tracer
 
 if TYPE_CHECKING:
     from tandem.services.frontend.service import Frontend

@@ -45,7 +45,7 @@ import msgspec
 from tandem.protocol.messages import SamplingParams, TokenChunk
 from tandem.protocol.openai import OpenAIError
 from tandem.services.frontend.token_stream import TokenStream
-from tandem.services.runtime import get_logger
+from tandem.services.observability import get_logger
 
 __all__ = ["DEFAULT_MIGRATION_LIMIT", "AttemptFactory", "MigratingStream", "is_retryable"]
 

@@ -7,12 +7,12 @@ key (``Authorization: Bearer <key>`` NATS header; 401), the payload size
 ``"retry_after"``). A refused message is answered right there, with no task and no parsing
 beyond a lenient peek at ``"stream"`` (so a streaming client still gets its ``[DONE]``). An
 admitted message is handled in its own task on the frontend's
-:class:`~tandem.services.runtime.TaskTracker`, inside a SERVER span whose parent is the
+:class:`~tandem.services.messaging.TaskTracker`, inside a SERVER span whose parent is the
 message's ``traceparent`` header; its admission slot is released when that task ends, however
 it ends. Errors are OpenAI's error body plus ``"status"`` (and ``"retry_after"`` when there is
 a retry hint), see :func:`tandem.protocol.openai.error_body`; every payload, however malformed
 (invalid UTF-8, msgpack, 100k nested arrays), gets one.
-(:func:`tandem.services.runtime.serve` is not used: it speaks msgpack Structs and
+(:func:`tandem.services.messaging.serve` is not used: it speaks msgpack Structs and
 ``ErrorReply``, these subjects speak OpenAI JSON.)
 
 Each subscription buffers at most :data:`PENDING_MSGS_LIMIT` messages /
@@ -37,7 +37,7 @@ from tandem.protocol import Subjects
 from tandem.protocol.openai import OpenAIError, encode_json, error_body
 from tandem.services.frontend.edge import authorization_error
 from tandem.services.frontend.render import DONE
-from tandem.services.runtime import extract_context, get_logger, get_tracer
+from tandem.services.observability import extract_context, get_logger, get_tracer
 
 if TYPE_CHECKING:
     from tandem.services.frontend.service import Frontend

@@ -45,16 +45,9 @@ from tandem.services.frontend.output import TextOutput
 from tandem.services.frontend.preprocess import PreparedRequest, Preprocessor, RequestKind
 from tandem.services.frontend.render import renderer_for, stream_batches, stream_chunks
 from tandem.services.frontend.token_stream import InboxMux, TokenStream
-from tandem.services.runtime import (
-    RemoteError,
-    ServiceBase,
-    TaskTracker,
-    common_parser,
-    get_logger,
-    probe_liveness,
-    request,
-    run_service,
-)
+from tandem.services.messaging import RemoteError, TaskTracker, probe_liveness, request
+from tandem.services.observability import get_logger
+from tandem.services.runtime import ServiceBase, common_parser, run_service
 
 __all__ = ["HTTP_SHUTDOWN_TIMEOUT_S", "Frontend", "build_parser", "main", "parse_args"]
 

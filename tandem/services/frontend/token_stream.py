@@ -72,7 +72,7 @@ from nats.aio.subscription import Subscription
 from tandem.protocol import Subjects
 from tandem.protocol.messages import Ack, Cancel, ErrorReply, RouteRequest, SamplingParams, TokenChunk, encode
 from tandem.protocol.openai import OpenAIError
-from tandem.services.runtime import get_logger, inject_headers
+from tandem.services.observability import get_logger, inject_headers
 
 __all__ = [
     "LIVENESS_MISSES",

@@ -5,7 +5,7 @@ Life cycle of one request (``RouteRequest`` on ``{ns}.router.generate``, queue g
 States (:class:`Phase`), in order; every request ends in exactly one of the last four:
 
 1. ``RECEIVED``
-    Decoded by :func:`~tandem.services.runtime.serve` (a bad payload gets ``ErrorReply(400)`` on
+    Decoded by :func:`~tandem.services.messaging.serve` (a bad payload gets ``ErrorReply(400)`` on
     the message's reply subject). ``sampling.seed`` is set to a random 32-bit seed when None, so
     the tokens do not depend on which worker runs the request.
 2. ``ROUTING``
@@ -110,15 +110,15 @@ from tandem.protocol.messages import (
     TokenChunk,
 )
 from tandem.services.discovery import InstanceRegistry
-from tandem.services.runtime import (
+from tandem.services.messaging import (
     NoRespondersError,
     RemoteError,
-    ServiceBase,
     ServiceError,
     probe_liveness,
     publish,
     request,
 )
+from tandem.services.runtime import ServiceBase
 
 from .config import RouterConfig
 from .scheduler import Decision, RouterScheduler, RoutingError

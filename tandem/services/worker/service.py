@@ -49,7 +49,7 @@ from tandem.protocol.messages import (
     WorkerStatsRequest,
     encode,
 )
-from tandem.services import discovery, runtime
+from tandem.services import discovery, messaging, observability, runtime
 from tandem.services.worker.config import WorkerConfig, worker_ids
 from tandem.services.worker.decode import DecodeHandler
 from tandem.services.worker.engine_client import EngineClient
@@ -101,7 +101,7 @@ class Worker:
         self.engine_config = engine_config
         self.subjects = svc.subjects
         self.role = config.role
-        self.log = runtime.get_logger("tandem.worker").bind(instance_id=instance_id, role=config.role)
+        self.log = observability.get_logger("tandem.worker").bind(instance_id=instance_id, role=config.role)
         self.table = RequestTable()
         self.events = KvEventPublisher(svc.js, svc.subjects.kv_events(instance_id), instance_id, self.log)
         self.engine = EngineClient(engine_config, self.events.put, self.log)
@@ -381,7 +381,7 @@ class Worker:
     async def _on_stats(self, req: WorkerStatsRequest, _msg: NatsMsg) -> WorkerStats:
         """Pool state, integrity check, RSS and counters."""
         if not self.engine.started:
-            raise runtime.ServiceError(503, "worker not started", type="unavailable")
+            raise messaging.ServiceError(503, "worker not started", type="unavailable")
         engine = self.engine.engine
 
         def job() -> tuple[Any, str]:
@@ -525,7 +525,7 @@ class WorkerHost:
         self.config = config
         self.ids = worker_ids(config)
         self.workers: list[Worker] = []
-        self.log = runtime.get_logger("tandem.worker").bind(role=config.role)
+        self.log = observability.get_logger("tandem.worker").bind(role=config.role)
 
     async def start(self) -> None:
         """Start every worker (concurrently), then hook the shutdown stages onto ``svc``."""
