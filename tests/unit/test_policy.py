@@ -13,7 +13,7 @@ import pytest
 
 from tandem.config import add_arguments, from_namespace, to_argv
 from tandem.protocol.messages import InstanceInfo, WorkerLoad
-from tandem.services.router.active import ActiveSequences, ActiveTracker
+from tandem.services.router.active import ActiveSequences
 from tandem.services.router.config import RouterConfig
 from tandem.services.router.policy import (
     POLICIES,
@@ -35,6 +35,7 @@ from tandem.services.router.policy import (
     split_busy,
 )
 from tandem.services.router.scheduler import RouterScheduler, RoutingError
+from tandem.services.router.tracker import ActiveTracker
 
 BS = 4
 

@@ -3,6 +3,7 @@
 * :mod:`.policy` — routing policies as values (``--router-mode``), busy filtering, conditional
   disaggregation; pure, NATS-free.
 * :mod:`.active` — what this router has in flight per worker (Dynamo's ``ActiveSequences``).
+* :mod:`.tracker` — the router-wide ``ActiveTracker``: every worker's figures column-wise, the pools.
 * :mod:`.scheduler` — one decision from candidates to ranked workers (NATS-free, timed).
 * :mod:`.config` — :class:`RouterConfig`, the source of the CLI flags (light import).
 * :mod:`.service` — :class:`PrefillRouter`, the request life cycle over NATS.

@@ -1,7 +1,7 @@
 """The router's decisions without NATS: candidates → policy → conditional disaggregation.
 
 :class:`RouterScheduler` holds the three policies (one per pool), the busy thresholds, the
-per-worker :class:`~.active.ActiveTracker` and a decision timer. :mod:`.service` calls it with the
+per-worker :class:`~.tracker.ActiveTracker` and a decision timer. :mod:`.service` calls it with the
 live registry; ``scripts/bench_router.py`` and the unit tests call it with synthetic
 ``InstanceInfo`` values.
 
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 from tandem.protocol.messages import InstanceInfo
 
-from .active import ActiveTracker
 from .config import RouterConfig
 from .policy import (
     BusyThresholds,
@@ -35,6 +34,7 @@ from .policy import (
     disagg_decision,
     make_policy,
 )
+from .tracker import ActiveTracker
 
 #: How many ranked candidates a decision keeps (the first plus fall-backs).
 DEFAULT_MAX_ATTEMPTS = 2

@@ -25,7 +25,7 @@ States (:class:`Phase`), in order; every request ends in exactly one of the last
     ``PrefillRequest`` → ``PrefillResult`` (``--prefill-timeout-s``) to the ranked prefill
     workers (:meth:`PrefillRouter._try_candidates`). While it runs, the request's blocks and
     uncached prompt tokens count as that worker's load in this router's
-    :class:`~tandem.services.router.active.ActiveTracker`; they leave when the answer comes.
+    :class:`~tandem.services.router.tracker.ActiveTracker`; they leave when the answer comes.
 4. ``FIRST_TOKEN``
     ``TokenChunk(index=0, [first_token], worker_id=prefill worker)`` published to ``reply_to`` at
     once (TTFT = prefill). If the prefill finished the request (``finish_reason`` set) that chunk
