@@ -322,7 +322,7 @@ def _stream_reader(stream: str) -> list[str]:
 
 
 def snapshot_bucket(s: Subjects) -> str:
-    """The indexer's snapshot object store (:func:`tandem.services.indexer.snapshot_bucket`,
+    """The indexer's snapshot object store (:func:`tandem.services.indexer_snapshot.snapshot_bucket`,
     restated here so this module needs no indexer import; a unit test keeps them equal)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{s.ns}-indexer-snapshot")
 

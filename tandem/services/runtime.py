@@ -4,6 +4,7 @@ Every tandem process (frontend, router, indexer, worker) is built from these pie
 
 * :func:`connect` — a NATS connection with reconnects and a client name.
 * :func:`ensure_jetstream` — idempotently create the KV-events stream and the instances bucket.
+* :func:`ack_info` — a JetStream message's stream sequence and pending count (its reply subject).
 * :class:`ServiceBase`, :func:`run_service`, :func:`common_parser` — process life cycle: uvloop,
   health responder, ``event="ready"`` log line, SIGINT/SIGTERM → graceful shutdown, exit 0.
 
@@ -56,6 +57,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL_S",
     "INSTANCE_TTL_S",
     "ServiceBase",
+    "ack_info",
     "common_parser",
     "connect",
     "ensure_jetstream",
@@ -188,6 +190,23 @@ async def ensure_jetstream(
             )
         except nats.js.errors.BadRequestError:
             return await js.key_value(subjects.instances_bucket)
+
+
+def ack_info(reply: str | None) -> tuple[int | None, int]:
+    """``(stream sequence, messages pending after it)`` from a JetStream message's reply subject
+    (``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the v2 form with
+    domain and account hash in front); ``(None, 0)`` for anything else."""
+    if not reply:
+        return None, 0
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:
+            return int(tokens[5]), int(tokens[8])
+        if len(tokens) >= 11 and tokens[0] == "$JS":
+            return int(tokens[7]), int(tokens[10])
+    except ValueError:
+        pass
+    return None, 0
 
 
 # ---- process life cycle ---------------------------------------------------------------------------------

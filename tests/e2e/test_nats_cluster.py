@@ -32,7 +32,7 @@ import pytest
 
 from tandem.protocol import Subjects
 from tandem.services.auth import NatsAuth, password_file, server_list
-from tandem.services.indexer import snapshot_bucket
+from tandem.services.indexer_snapshot import snapshot_bucket
 from tests.conftest import free_port
 from tests.e2e.conftest import launch_until_ready, log_tails
 

@@ -33,13 +33,8 @@ from tandem.protocol.messages import (
     encode,
 )
 from tandem.services.discovery import WorkerRegistration
-from tandem.services.indexer import (
-    CREATED_HEADER,
-    SEQ_HEADER,
-    SNAPSHOT_OBJECT,
-    KvIndexer,
-    snapshot_bucket,
-)
+from tandem.services.indexer import KvIndexer
+from tandem.services.indexer_snapshot import CREATED_HEADER, SEQ_HEADER, SNAPSHOT_OBJECT, snapshot_bucket
 from tandem.services.messaging import request
 from tandem.services.runtime import ensure_jetstream
 from tests.service.test_indexer import NO_SNAPSHOTS, Indexers, scores, stored

@@ -507,7 +507,7 @@ def test_server_config_quotes_subjects_and_hides_passwords() -> None:
 
 def test_snapshot_bucket_matches_the_indexer() -> None:
     from tandem.services.auth import snapshot_bucket
-    from tandem.services.indexer import snapshot_bucket as indexer_bucket
+    from tandem.services.indexer_snapshot import snapshot_bucket as indexer_bucket
 
     assert snapshot_bucket(S) == indexer_bucket(S)
 
