@@ -126,9 +126,10 @@ class LaunchConfig:
     decode_max_num_batched_tokens: int | None = option(
         None,
         help="--max-num-batched-tokens of the decode workers only (tokens per step; default: the "
-        "workers' --max-num-batched-tokens). A small budget keeps a decode worker's steps short when "
-        "it prefills a long prompt locally (the router's --max-prefill-queue-tokens): the prompt "
-        "goes in small chunks between decode tokens, so running streams' inter-token gaps stay small",
+        "workers' --max-num-batched-tokens). A small budget keeps a decode worker's steps short while "
+        "it prefills locally (prompts with fewer than --disagg-min-tokens uncached, or any when the "
+        "prefill pool is saturated, --max-prefill-queue-tokens): the prompt goes in small chunks "
+        "between decode tokens, so the running streams' inter-token gaps stay small",
     )
     log_level: str = option("info", help="services' log level")
     log_dir: str | None = option(None, help="where <process>.log files go (default: a temp dir)")

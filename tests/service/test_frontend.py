@@ -1059,6 +1059,30 @@ async def test_registry_passed_in_is_not_stopped(nats_url: str, tokenizer: Token
         await nc.close()
 
 
+async def test_start_warms_up_and_a_failed_warm_up_does_not_stop_it(
+    nats_url: str, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = f"wu{uuid.uuid4().hex[:8]}"
+    nc = await connect(nats_url, "fe-warm-up")
+    try:
+        fe = Frontend(nc, Subjects(ns), tokenizer, FrontendConfig(model_name=MODEL))
+        await fe.start()
+        assert fe.preprocessor.batcher.batches == 1  # the warm-up ran the batch call
+        assert fe.nats_api._subs
+        await fe.close()
+
+        async def broken() -> float:
+            raise RuntimeError("tokenizer thread pool unavailable")
+
+        fe = Frontend(nc, Subjects(ns), tokenizer, FrontendConfig(model_name=MODEL))
+        monkeypatch.setattr(fe.preprocessor, "warm_up", broken)
+        await fe.start()  # logged, not raised: requests report their own errors
+        assert fe.nats_api._subs  # the start went on: the public NATS subjects are served
+        await fe.close()
+    finally:
+        await nc.close()
+
+
 async def test_trace_context_reaches_the_router(env: Env) -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     env.spans.clear()

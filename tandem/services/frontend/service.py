@@ -123,9 +123,13 @@ class Frontend:
             self._registry = InstanceRegistry(self.nc.jetstream(), self.subjects)
             await self._registry.start()
         await self.inbox.start()
-        # Pay the request path's one-time costs now, not in the first client's TTFT.
-        took = await self.preprocessor.warm_up()
-        _log.debug("preprocessor_warmed_up", ms=round(took * 1e3, 1))
+        # Pay the request path's one-time costs now, not in the first client's TTFT. A failure
+        # here is the requests' to report (each gets its own error), not a reason not to start.
+        try:
+            took = await self.preprocessor.warm_up()
+            _log.debug("preprocessor_warmed_up", ms=round(took * 1e3, 1))
+        except Exception as e:
+            _log.warning("preprocessor_warm_up_failed", error=repr(e))
         await self.nats_api.start()
 
     async def stop_intake(self) -> None:
