@@ -58,6 +58,7 @@ from tandem.protocol.messages import (
     encode,
 )
 from tandem.services.indexer import IndexerConfig, KvIndexer
+from tandem.services.nats_embedded import wait_listening
 from tandem.services.runtime import ServiceBase, connect, ensure_jetstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,16 +168,10 @@ def nats_server() -> Iterator[str]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    sys.exit("bench_indexer_restart: nats-server did not start")
-                time.sleep(0.02)
+        try:
+            wait_listening(proc, port)
+        except RuntimeError as e:
+            sys.exit(f"bench_indexer_restart: nats-server did not start: {e}")
         try:
             yield f"nats://127.0.0.1:{port}"
         finally:

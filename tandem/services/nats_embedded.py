@@ -29,6 +29,7 @@ import ipaddress
 import os
 import re
 import socket
+import subprocess
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -172,6 +173,23 @@ def nats_argv(
 def client_url(port: int, tls: TlsFiles | None) -> str:
     """The URL a client uses for the node on ``port`` (``tls://`` with TLS)."""
     return f"{'tls' if tls else 'nats'}://127.0.0.1:{port}"
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout_s: float = 10.0) -> None:
+    """Block until a just-started server process ``proc`` accepts TCP connections on
+    127.0.0.1:``port`` (tests and scripts that start their own nats-server). Raises
+    ``RuntimeError``, after killing ``proc``, if it exits first or ``timeout_s`` seconds pass."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            code = proc.poll()
+            proc.kill()
+            why = f"exited ({code})" if code is not None else f"not listening after {timeout_s:.0f} s"
+            raise RuntimeError(f"server on port {port} {why}")
+        time.sleep(0.02)
 
 
 async def _wait_listening(child: Child, port: int | None, timeout_s: float) -> int:

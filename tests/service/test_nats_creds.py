@@ -14,7 +14,6 @@ import base64
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import nkeys
 import pytest
 
 from tandem.services.auth import NatsAuth
-from tandem.services.nats_embedded import nats_server_binary
+from tandem.services.nats_embedded import nats_server_binary, wait_listening
 from tandem.services.runtime import connect
 from tests.conftest import free_port
 
@@ -102,15 +101,10 @@ def operator_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     log = (tmp / "nats.log").open("w")
     proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp / "nats.log").read_text()
-                assert time.monotonic() < deadline, "nats-server did not start"
-                time.sleep(0.05)
+        try:
+            wait_listening(proc, port)
+        except RuntimeError as e:
+            raise AssertionError(f"{e}:\n{(tmp / 'nats.log').read_text()}") from None
         yield f"nats://127.0.0.1:{port}", good, foreign
     finally:
         proc.terminate()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 import uuid
@@ -37,6 +36,7 @@ from tandem.services.messaging import (
     request,
     serve,
 )
+from tandem.services.nats_embedded import wait_listening
 from tandem.services.runtime import ServiceBase, ensure_jetstream
 from tests.conftest import free_port, nats_server_binary
 
@@ -351,16 +351,8 @@ async def test_registry_survives_a_nats_restart(tmp_path: Path) -> None:
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return proc
-            except OSError:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise
-                time.sleep(0.02)
+        wait_listening(proc, port)
+        return proc
 
     server = start()
     url = f"nats://127.0.0.1:{port}"

@@ -4,8 +4,11 @@ JetStream replicas handed to every process. (The cluster itself runs in
 
 from __future__ import annotations
 
+import socket
 import ssl
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,14 @@ from cryptography import x509
 
 from tandem.services.auth import server_list
 from tandem.services.launch_plan import parse_args, plan_processes
-from tandem.services.nats_embedded import cluster_url, node_config, plan_cluster, write_tls_files
+from tandem.services.nats_embedded import (
+    cluster_url,
+    free_port,
+    node_config,
+    plan_cluster,
+    wait_listening,
+    write_tls_files,
+)
 
 
 def test_node_config_routes_to_the_others_with_the_route_password(tmp_path: Path) -> None:
@@ -103,3 +113,23 @@ def test_bad_nats_flags_are_refused(argv: list[str], capsys: pytest.CaptureFixtu
         parse_args(argv)
     assert e.value.code == 2
     assert "--" in capsys.readouterr().err
+
+
+def test_wait_listening_returns_once_the_port_accepts_and_fails_on_exit() -> None:
+    with socket.socket() as srv:  # something already listening
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            wait_listening(sleeper, srv.getsockname()[1], timeout_s=5)
+            assert sleeper.poll() is None  # left running
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    quitter = subprocess.Popen([sys.executable, "-c", "pass"])
+    with pytest.raises(RuntimeError, match="exited"):
+        wait_listening(quitter, free_port(), timeout_s=10)
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    with pytest.raises(RuntimeError, match="not listening"):
+        wait_listening(silent, free_port(), timeout_s=0.3)
+    assert silent.wait(5) is not None  # killed
