@@ -38,7 +38,8 @@ KV-events stream and the instances bucket itself. With ``--nats-url`` the launch
 
 ``--smoke``: once ready, send one chat request over HTTP and one over the public NATS subject
 ``{ns}.v1.chat.completions``, print both answers and the ``tandem`` extension, stop, and exit 0
-only if both came back with non-empty content.
+only if both came back with non-empty content. What the launcher prints and the smoke test are
+in :mod:`tandem.services.launch_client`.
 
 The planning part (:mod:`tandem.services.launch_plan`: :func:`parse_args`,
 :func:`plan_processes`, :func:`stop_groups`, re-exported here) is pure and unit-tested; this module
@@ -50,9 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -60,7 +59,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any
 
 from tandem.engine.config import EngineConfig
 from tandem.protocol.subjects import Subjects
@@ -68,12 +66,12 @@ from tandem.services.auth import (
     LAUNCHER_USER,
     NatsAuth,
     NatsUser,
-    inbox_prefix,
     new_password,
     password_file,
     server_list,
     write_credentials,
 )
+from tandem.services.launch_client import api_headers, http_base_url, nats_login, run_smoke, usage_text
 from tandem.services.launch_plan import (
     DEFAULT_READY_TIMEOUT_S,
     DEFAULT_STOP_GRACE_S,
@@ -109,10 +107,6 @@ from tandem.services.processes import (
     tail,
 )
 
-# The served model name (``tandem.engine.weights.MODEL_NAME``; not imported to keep the launcher
-# free of torch).
-MODEL_NAME = "smollm2-135m-instruct"
-
 __all__ = [
     "DEFAULT_READY_TIMEOUT_S",
     "DEFAULT_STOP_GRACE_S",
@@ -135,95 +129,7 @@ __all__ = [
     "threads_per_worker",
 ]
 
-# ---- user-facing text ----------------------------------------------------------------------------
-
-
-def http_base_url(cfg: LaunchConfig) -> str:
-    """Base URL clients use (a wildcard bind address is reached through loopback)."""
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "", "::") else cfg.host
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{cfg.port}"
-
-
-def _connect_args(nats_url: str, client: NatsAuth | None) -> str:
-    """The arguments of ``nats.connect(...)`` in the usage snippet (the client's login and TLS)."""
-    servers = server_list(nats_url)
-    args = [repr(servers[0] if len(servers) == 1 else servers)]
-    if client is not None and client.nats_user:
-        args += [
-            f"user={client.nats_user!r}",
-            f"password=open({client.nats_password_file!r}).read().strip()",
-            f"inbox_prefix={inbox_prefix(client.nats_user)!r}",
-        ]
-    if client is not None and client.nats_tls_ca:
-        args.append(f"tls=ssl.create_default_context(cafile={client.nats_tls_ca!r})")
-    return ",\n        ".join(args)
-
-
-def usage_text(cfg: LaunchConfig, nats_url: str, log_dir: Path, client: NatsAuth | None = None) -> str:
-    """What to paste to try the running topology (HTTP curl and a NATS request in Python).
-
-    ``client``: the credential to show for NATS (the embedded server's first client user).
-    """
-    subjects = Subjects(cfg.namespace)
-    base = http_base_url(cfg)
-    body = json.dumps(
-        {
-            "model": MODEL_NAME,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 32,
-        }
-    )
-    nats_snippet = (
-        "import asyncio, json, nats, ssl\n"
-        "async def main():\n"
-        f"    nc = await nats.connect({_connect_args(nats_url, client)})\n"
-        f"    body = {{'model': {MODEL_NAME!r}, 'max_tokens': 32,\n"
-        "            'messages': [{'role': 'user', 'content': 'What is the capital of France?'}]}\n"
-        f"    msg = await nc.request({subjects.chat_completions!r}, json.dumps(body).encode(), timeout=120)\n"
-        "    print(json.loads(msg.data)['choices'][0]['message']['content'])\n"
-        "    await nc.close()\n"
-        "asyncio.run(main())"
-    )
-    return "\n".join(
-        [
-            "",
-            f"tandem is ready  (namespace {cfg.namespace!r}, logs in {log_dir})",
-            f"  HTTP (OpenAI API): {base}/v1",
-            f"  NATS:              {nats_url}   subjects {subjects.chat_completions}, {subjects.completions}",
-            *(
-                [
-                    f"{'':21}user {client.nats_user!r}, password in {client.nats_password_file}, "
-                    f"inbox prefix {inbox_prefix(client.nats_user)} (only its own inboxes)"
-                ]
-                if client is not None and client.nats_user
-                else []
-            ),
-            "",
-            "Try it over HTTP:",
-            f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
-            f"    -d {shlex.quote(body)}",
-            "",
-            "Try it over NATS (OpenAI JSON in, JSON out):",
-            f"  {shlex.quote(sys.executable)} - <<'EOF'",
-            *("  " + line for line in nats_snippet.splitlines()),
-            "  EOF",
-            "",
-            "Ctrl-C stops everything.",
-            "",
-        ]
-    )
-
-
 # ---- readiness ----------------------------------------------------------------------------------
-
-
-def api_headers(cfg: LaunchConfig) -> dict[str, str]:
-    """The frontend's API key as a request header (``--api-key`` / ``$TANDEM_API_KEY``), for the
-    launcher's own readiness polls and smoke requests; empty without a key."""
-    key = cfg.frontend.resolved_api_key()
-    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 async def wait_ready(
@@ -259,10 +165,6 @@ async def wait_ready(
     return False
 
 
-def _login(auth: NatsAuth | None) -> dict[str, Any]:
-    return auth.connect_options() if auth is not None else {}
-
-
 async def forget_workers(
     nats_url: str,
     namespace: str,
@@ -281,7 +183,7 @@ async def forget_workers(
             # Reconnects on: with a cluster's URLs, a dead node is skipped for the next one
             # (the timeout above bounds the whole attempt).
             nc = await nats.connect(
-                server_list(nats_url), name="tandem-launcher", connect_timeout=1, **_login(auth)
+                server_list(nats_url), name="tandem-launcher", connect_timeout=1, **nats_login(auth)
             )
             try:
                 kv = await nc.jetstream().key_value(Subjects(namespace).instances_bucket)
@@ -312,7 +214,7 @@ async def prepare_jetstream(
     last: Exception | None = None
     try:
         async with asyncio.timeout(timeout_s):
-            nc = await nats.connect(server_list(nats_url), name="tandem-launcher", **_login(auth))
+            nc = await nats.connect(server_list(nats_url), name="tandem-launcher", **nats_login(auth))
     except Exception as e:
         raise LaunchError(f"cannot connect to NATS at {nats_url}: {e!r}") from e
     try:
@@ -345,20 +247,6 @@ async def _until(coro: Awaitable[bool], *events: asyncio.Event) -> bool | None:
     return None
 
 
-# ---- smoke ---------------------------------------------------------------------------------------
-
-SMOKE_PROMPTS = (
-    "France is a country in Western Europe. It borders Belgium, Luxembourg, Germany, Switzerland, "
-    "Italy, Monaco, Spain and Andorra, and has coasts on the Atlantic Ocean, the English Channel "
-    "and the Mediterranean Sea. Its largest city is also its political and cultural centre. "
-    "What is the capital of France? Answer in one sentence.",
-    "The Eiffel Tower, the Louvre museum and the cathedral of Notre-Dame are among the most "
-    "visited places in the world. Millions of tourists come to see them every year, and many "
-    "also walk along the river Seine, which flows through the middle of the city. "
-    "What is the capital of France? Answer in one sentence.",
-)
-
-
 async def wait_workers(
     nats_url: str,
     namespace: str,
@@ -378,7 +266,7 @@ async def wait_workers(
     from tandem.services.discovery import InstanceRegistry
 
     want = set(instance_ids)
-    nc = await nats.connect(server_list(nats_url), name="tandem-launcher", **_login(auth))
+    nc = await nats.connect(server_list(nats_url), name="tandem-launcher", **nats_login(auth))
     registry = InstanceRegistry(nc.jetstream(), Subjects(namespace))
     try:
         await registry.start()
@@ -401,97 +289,6 @@ async def wait_workers(
     finally:
         await registry.stop()
         await nc.close()
-
-
-def smoke_body(prompt: str) -> dict[str, Any]:
-    """The OpenAI chat body the smoke test sends (greedy, short)."""
-    return {
-        "model": MODEL_NAME,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 32,
-        "temperature": 0,
-    }
-
-
-def chat_content(reply: dict[str, Any]) -> str:
-    """``choices[0].message.content`` of an OpenAI chat reply ('' when missing)."""
-    try:
-        content = reply["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        return ""
-    return content if isinstance(content, str) else ""
-
-
-def describe_extension(ext: Any) -> str:
-    """One line from the ``tandem`` reply extension: where it ran and the KV moved."""
-    if not isinstance(ext, dict):
-        return "no tandem extension in the reply"
-    kv = ext.get("kv_transfer") or {}
-    parts = [
-        f"prefill worker {ext.get('prefill_worker') or '-'}",
-        f"decode worker {ext.get('decode_worker') or '-'}",
-        f"cached tokens {ext.get('cached_tokens', 0)}",
-    ]
-    if ext.get("ttft_ms") is not None:
-        parts.append(f"TTFT {float(ext['ttft_ms']):.1f} ms")
-    if isinstance(kv, dict) and kv:
-        ms = float(kv.get("ms") or 0)
-        nbytes = int(kv.get("bytes") or 0)
-        rate = f", {nbytes / ms / 1e6:.2f} GB/s" if ms > 0 else ""
-        parts.append(
-            f"KV moved {nbytes} B in {int(kv.get('blocks') or 0)} blocks "
-            f"({int(kv.get('reused_blocks') or 0)} reused) in {ms:.2f} ms{rate}"
-        )
-    else:
-        parts.append("KV moved 0 B (prefilled where it decoded)")
-    return ", ".join(parts)
-
-
-async def run_smoke(cfg: LaunchConfig, nats_url: str, client: NatsAuth | None = None) -> bool:
-    """One chat request over HTTP, one over NATS (as ``client``); True iff both answered with content."""
-    import aiohttp
-    import nats
-
-    ok = True
-    url = f"{http_base_url(cfg)}/v1/chat/completions"
-    headers = api_headers(cfg)
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session,
-            session.post(url, json=smoke_body(SMOKE_PROMPTS[0]), headers=headers) as resp,
-        ):
-            text = await resp.text()
-            reply = json.loads(text) if resp.status == 200 else {}
-            if resp.status != 200:
-                print(f"smoke HTTP: status {resp.status}: {text[:500]}")
-    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
-        print(f"smoke HTTP: failed: {type(e).__name__}: {e}")
-        reply = {}
-    content = chat_content(reply)
-    ext = reply.get("tandem")
-    print(f"smoke HTTP  POST {url}\n  answer: {content!r}\n  tandem: {describe_extension(ext)}")
-    ok &= bool(content.strip())
-
-    subject = Subjects(cfg.namespace).chat_completions
-    reply = {}
-    try:
-        nc = await nats.connect(server_list(nats_url), name="tandem-launcher-smoke", **_login(client))
-        try:
-            body = json.dumps(smoke_body(SMOKE_PROMPTS[1])).encode()
-            msg = await nc.request(subject, body, timeout=300, headers=headers or None)
-            reply = json.loads(msg.data)
-        finally:
-            await nc.close()
-    except Exception as e:  # nats raises several unrelated types; report any
-        print(f"smoke NATS: failed: {type(e).__name__}: {e}")
-    if isinstance(reply, dict) and "error" in reply:
-        print(f"smoke NATS: error reply: {json.dumps(reply)[:500]}")
-    content = chat_content(reply) if isinstance(reply, dict) else ""
-    ext = reply.get("tandem") if isinstance(reply, dict) else None
-    print(f"smoke NATS  request {subject}\n  answer: {content!r}\n  tandem: {describe_extension(ext)}")
-    ok &= bool(content.strip())
-    print("smoke: OK" if ok else "smoke: FAILED")
-    return ok
 
 
 # ---- main ----------------------------------------------------------------------------------------

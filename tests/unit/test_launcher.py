@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tandem.engine.config import EngineConfig
-from tandem.services import launcher, nats_embedded, processes
+from tandem.services import launch_client, launcher, nats_embedded, processes
 from tandem.services.frontend.config import FrontendConfig
 from tandem.services.launcher import (
     LaunchConfig,
@@ -253,7 +253,7 @@ def test_child_env_passes_otel_through(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_usage_text_has_curl_and_nats_example() -> None:
     cfg = LaunchConfig(namespace="demo", frontend=FrontendConfig(port=8123, host="0.0.0.0"))
-    text = launcher.usage_text(cfg, "nats://127.0.0.1:4333", Path("/tmp/logs"))
+    text = launch_client.usage_text(cfg, "nats://127.0.0.1:4333", Path("/tmp/logs"))
     assert "http://127.0.0.1:8123/v1" in text
     assert "curl -s http://127.0.0.1:8123/v1/chat/completions" in text
     assert "smollm2-135m-instruct" in text and "What is the capital of France?" in text
@@ -265,18 +265,18 @@ def test_usage_text_has_curl_and_nats_example() -> None:
 
 def test_reply_helpers() -> None:
     reply = {"choices": [{"message": {"role": "assistant", "content": "Paris."}}]}
-    assert launcher.chat_content(reply) == "Paris."
-    assert launcher.chat_content({}) == ""
-    assert launcher.chat_content({"choices": []}) == ""
+    assert launch_client.chat_content(reply) == "Paris."
+    assert launch_client.chat_content({}) == ""
+    assert launch_client.chat_content({"choices": []}) == ""
     ext = {
         "prefill_worker": "prefill-0",
         "decode_worker": "decode-0",
         "prefill_ms": 12.5,
         "kv_transfer": {"blocks": 3, "bytes": 3000, "ms": 0.5, "reused_blocks": 1},
     }
-    line = launcher.describe_extension(ext)
+    line = launch_client.describe_extension(ext)
     assert "prefill-0" in line and "decode-0" in line and "3000 B" in line and "1 reused" in line
-    assert "no tandem extension" in launcher.describe_extension(None)
+    assert "no tandem extension" in launch_client.describe_extension(None)
 
 
 # ---- plumbing (real processes, fast) ---------------------------------------------------------
@@ -425,7 +425,7 @@ def test_usage_text_shows_the_client_login() -> None:
 
     cfg = LaunchConfig()
     client = NatsAuth.for_user("client", "/run/a/client.password")
-    text = launcher.usage_text(cfg, "nats://127.0.0.1:4333", Path("/tmp/logs"), client)
+    text = launch_client.usage_text(cfg, "nats://127.0.0.1:4333", Path("/tmp/logs"), client)
     assert "user='client'" in text and "inbox_prefix='_INBOX.client'" in text
     assert "/run/a/client.password" in text
     snippet = text.split("<<'EOF'\n", 1)[1].split("\n  EOF", 1)[0]
