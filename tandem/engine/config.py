@@ -198,8 +198,8 @@ class EngineConfig:
             batch-invariant mode, SGLang's ``--enable-deterministic-inference``): a request's
             greedy and seeded tokens do not depend on its co-runners, on how its prompt was
             chunked, on prefix-cache hits or on disaggregation (prefill and decode workers must
-            both run with it). Slower; see :mod:`tandem.engine.model`. The mock engine is
-            deterministic anyway and ignores it.
+            both run with it). Slower; see :mod:`tandem.engine.batch_invariant`. The mock engine
+            is deterministic anyway and ignores it.
     """
 
     model_dir: str | None = option(

@@ -9,22 +9,18 @@ prefill chunks); a non-final prefill chunk only fills the KV cache. A row whose 
 fails only its sequence (:func:`~tandem.engine.sampling.sample_each`).
 
 With ``EngineConfig.deterministic`` the forward pass and the logits are batch-invariant (see
-:mod:`tandem.engine.model`); sampling always is (a pure function of the row, seed and position).
+:mod:`tandem.engine.batch_invariant`); sampling always is (a pure function of the row, seed and
+position).
 """
 
 from __future__ import annotations
 
 import torch
 
+from tandem.engine.batch_invariant import probe_batch_invariance
 from tandem.engine.config import EngineConfig, ModelConfig
 from tandem.engine.executor import TokenResult, check_copy
-from tandem.engine.model import (
-    LlamaForCausalLM,
-    allocate_kv_cache,
-    build_attention_metadata,
-    probe_batch_invariance,
-    resolve_dtype,
-)
+from tandem.engine.model import LlamaForCausalLM, allocate_kv_cache, build_attention_metadata, resolve_dtype
 from tandem.engine.sampling import sample_each
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.engine.weights import load_model
@@ -48,7 +44,7 @@ class ModelExecutor:
         batch_invariance: deterministic mode's path (None when off): ``"any-rows"`` (this
             machine's GEMMs give a row the same bits for any row count that is a multiple of 4:
             one call per GEMM) or ``"fixed-shapes"`` (fixed-shape calls only, slower), picked by
-            :func:`~tandem.engine.model.probe_batch_invariance` at construction.
+            :func:`~tandem.engine.batch_invariant.probe_batch_invariance` at construction.
 
     Raises:
         ValueError: ``config.model_dir`` is None and no ``model`` is given.

@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 import torch
 
+from tandem.engine import batch_invariant, runner
 from tandem.engine import model as model_mod
-from tandem.engine import runner
+from tandem.engine.batch_invariant import probe_batch_invariance
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
-from tandem.engine.model import LlamaForCausalLM, build_attention_metadata, probe_batch_invariance
+from tandem.engine.model import LlamaForCausalLM, build_attention_metadata
 from tandem.engine.weights import load_model, prepare_model
 from tandem.protocol import SamplingParams
 
@@ -348,7 +349,7 @@ def test_logits_and_kv_bit_identical_across_chunkings(model) -> None:
 def test_probe_picks_the_path(model_dir, model, monkeypatch) -> None:
     """The executor probes the GEMMs: any-rows where they are row-invariant, fixed shapes where
     only fixed shapes are, and a refusal to start where neither is."""
-    monkeypatch.setattr(model_mod, "ROW_PAD", 1)  # 1-3 rows take MKL's other kernel
+    monkeypatch.setattr(batch_invariant, "ROW_PAD", 1)  # 1-3 rows take MKL's other kernel
     assert any("rows at offset" in f for f in probe_batch_invariance(model, 32, 8, any_rows=True))
     monkeypatch.undo()
     saved = model.gemm_rows_invariant
