@@ -5,6 +5,10 @@ Reads ``tokenizer.json`` (`tokenizers` library), ``tokenizer_config.json`` and
 template is rendered like HF transformers does it: a sandboxed jinja2 environment with
 ``trim_blocks`` and ``lstrip_blocks``, variables ``messages``, ``add_generation_prompt``,
 ``bos_token``, ``eos_token`` and the helper ``raise_exception(message)``.
+
+With ``fast_encoder=True``, text holding no added-token strings is encoded by a checked tiktoken
+encoder (:mod:`tandem.engine.fast_bpe`: same ids, ~3× faster) when the tokenizer is a
+byte-level BPE it supports; otherwise by the ``tokenizers`` library as always.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HfTokenizer
+
+from tandem.engine import fast_bpe
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -33,12 +39,15 @@ def _raise_exception(message: str) -> None:
 class Tokenizer:
     """Text ↔ token ids for a prepared model directory.
 
-    Raises ``FileNotFoundError`` if ``tokenizer.json`` is missing.
+    ``fast_encoder``: build the tiktoken encoder for :meth:`encode_ordinary` (~1 s at
+    construction for its check; :attr:`fast_encoder_status` says whether it is used and why
+    not). Raises ``FileNotFoundError`` if ``tokenizer.json`` is missing.
     """
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, *, fast_encoder: bool = False) -> None:
         model_dir = Path(model_dir)
-        self._tk = _HfTokenizer.from_file(str(model_dir / "tokenizer.json"))
+        tokenizer_json = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+        self._tk = _HfTokenizer.from_str(tokenizer_json)
         config_path = model_dir / "tokenizer_config.json"
         self._config: dict[str, Any] = (
             json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
@@ -60,6 +69,14 @@ class Tokenizer:
         self.special_token_ids: frozenset[int] = frozenset(
             i for i, tok in self._tk.get_added_tokens_decoder().items() if tok.special
         )
+        #: The checked tiktoken encoder of :meth:`encode_ordinary` (None: ``tokenizers`` only).
+        self.fast_encoder: fast_bpe.FastBPE | None = None
+        #: "ok" when :attr:`fast_encoder` is used, else why not ("off" when not asked for).
+        self.fast_encoder_status = "off"
+        if fast_encoder:
+            self.fast_encoder, self.fast_encoder_status = fast_bpe.build(
+                tokenizer_json, self._encode_batch_hf
+            )
 
     def _token_id(self, token: str | None) -> int | None:
         if token is None:
@@ -75,6 +92,29 @@ class Tokenizer:
         (SmolLM2: neither)."""
         ids: list[int] = self._tk.encode(text, add_special_tokens=False).ids
         return self.with_special_tokens(ids) if add_special_tokens else ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode` of each of ``texts`` (no BOS/EOS): one ``tokenizers`` batch call, the
+        GIL released and the texts spread over the cores. For a worker thread."""
+        return self._encode_batch_hf(list(texts))
+
+    def _encode_batch_hf(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """:meth:`encode` of ``text`` that holds none of the added tokens' strings (the caller
+        splits those out; here they would be encoded as plain text): by :attr:`fast_encoder`
+        when there is one."""
+        if self.fast_encoder is not None:
+            return self.fast_encoder.encode(text)
+        ids: list[int] = self._tk.encode(text, add_special_tokens=False).ids
+        return ids
+
+    def encode_ordinary_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode_ordinary` of each of ``texts`` (GIL released; for a worker thread)."""
+        if self.fast_encoder is not None:
+            return self.fast_encoder.encode_batch(texts)
+        return self._encode_batch_hf(list(texts))
 
     def with_special_tokens(self, ids: list[int]) -> list[int]:
         """``ids`` with BOS/EOS added where ``tokenizer_config.json`` says so (what

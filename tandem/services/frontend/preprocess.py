@@ -132,7 +132,8 @@ class PromptEncoder:
     ``rstrip`` or ``single_word``; not normalized unless there is no normalizer) and special
     tokens are split out (``encode_special_tokens`` off); otherwise, or for a tokenizer that is
     not a wrapped Hugging Face one, or if a self-check at construction disagrees, it just calls
-    ``tokenizer.encode``.
+    ``tokenizer.encode``. Pieces are encoded by ``tokenizer.encode_ordinary`` (the checked
+    tiktoken encoder of :mod:`tandem.engine.fast_bpe` when the tokenizer has one).
     """
 
     #: Texts the self-check encodes both ways (added tokens next to spaces, newlines, text).
@@ -198,7 +199,7 @@ class PromptEncoder:
         split = self._split
         if split is None:
             if len(text) > thread_chars:
-                return (await self._off_loop([text]))[0]
+                return (await self._off_loop([text], ordinary=False))[0]
             return self.encode(text)
         parts = split.split(text)
         cache = self._cache
@@ -209,7 +210,7 @@ class PromptEncoder:
                 new[piece] = None
         if new and sum(map(len, new)) > thread_chars:
             pieces = list(new)
-            encoded = await self._off_loop(pieces)
+            encoded = await self._off_loop(pieces, ordinary=True)
             fresh = dict(zip(pieces, encoded, strict=True))
         else:
             fresh = {}
@@ -227,10 +228,11 @@ class PromptEncoder:
                     ids += got
         return ids
 
-    async def _off_loop(self, texts: list[str]) -> list[list[int]]:
-        if self.batcher is not None:
+    async def _off_loop(self, texts: list[str], *, ordinary: bool) -> list[list[int]]:
+        """Ids of ``texts`` from a worker thread; ``ordinary``: they hold no added-token strings."""
+        if self.batcher is not None and (ordinary or not self.batcher.ordinary):
             return await self.batcher.encode(texts)
-        return await asyncio.to_thread(encode_texts, self.tokenizer, texts)
+        return await asyncio.to_thread(encode_texts, self.tokenizer, texts, ordinary=ordinary)
 
     def _piece(self, piece: str) -> list[int]:
         cache = self._cache
@@ -240,9 +242,17 @@ class PromptEncoder:
             self.hits += 1
             return ids
         self.misses += 1
-        ids = list(self.tokenizer.encode(piece, add_special_tokens=False))
+        ids = self._encode_piece(piece)
         self._store(piece, ids)
         return ids
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        """Ids of a piece between special tokens: the tokenizer's ``encode_ordinary`` (the
+        checked tiktoken encoder when it has one), else ``encode``."""
+        ordinary = getattr(self.tokenizer, "encode_ordinary", None)
+        if ordinary is not None:
+            return list(ordinary(piece))
+        return list(self.tokenizer.encode(piece, add_special_tokens=False))
 
     def _store(self, piece: str, ids: list[int]) -> None:
         """Cache the ids of ``piece`` (most recent; the least recent go beyond the limits)."""
@@ -309,7 +319,7 @@ class Preprocessor:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids: frozenset[int] = frozenset([eos]) if isinstance(eos, int) else frozenset()
         #: Tokenizes the new text of concurrent requests together, off the loop.
-        self.batcher = BatchEncoder(tokenizer)
+        self.batcher = BatchEncoder(tokenizer, ordinary=True)
         self.encoder = PromptEncoder(tokenizer, batcher=self.batcher)
         #: Characters one token covers at most (the longest vocabulary entry).
         self.max_token_chars = _max_token_chars(tokenizer)

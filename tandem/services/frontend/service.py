@@ -323,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
             from tandem.engine.weights import prepare_model
 
             model_dir = await asyncio.to_thread(prepare_model)
-        tokenizer = await asyncio.to_thread(Tokenizer, model_dir)
+        tokenizer = await asyncio.to_thread(
+            Tokenizer, model_dir, fast_encoder=config.tokenizer_backend == "auto"
+        )
+        svc.log.info(
+            "tokenizer",
+            backend="tiktoken" if tokenizer.fast_encoder is not None else "tokenizers",
+            fast_encoder=tokenizer.fast_encoder_status,
+        )
         cfg = dataclasses.replace(config, model_name=config.model_name or model_name_of(model_dir))
         fe = Frontend(svc.nc, svc.subjects, tokenizer, cfg, tracker=svc.tracker, instance_id=svc.instance_id)
         await fe.start()
