@@ -936,6 +936,7 @@ FRONTEND_FLAGS = [
     "--max-inflight",
     "--api-key",
     "--max-request-bytes",
+    "--tokenizer-backend",
 ]
 
 
@@ -959,6 +960,7 @@ async def test_frontend_config_drives_the_cli(env: Env) -> None:
         max_inflight=8,
         api_key="k",
         max_request_bytes=65536,
+        tokenizer_backend="tokenizers",
     )
     argv = to_argv(custom)  # what the launcher passes on
     assert argv[::2] == FRONTEND_FLAGS
@@ -966,7 +968,12 @@ async def test_frontend_config_drives_the_cli(env: Env) -> None:
     assert back == dataclasses.replace(custom, created=back.created)
     assert args.nats_url == "nats://h:4222"
 
-    for bad in (["--chunk-timeout", "0"], ["--port", "70000"], ["--max-model-len", "1"]):
+    for bad in (
+        ["--chunk-timeout", "0"],
+        ["--port", "70000"],
+        ["--max-model-len", "1"],
+        ["--tokenizer-backend", "sentencepiece"],
+    ):
         with pytest.raises(SystemExit):
             parse_args(bad)
     with pytest.raises(ValueError, match="model_name"):
