@@ -241,6 +241,12 @@ class ActiveSequences:
     def prefill_tokens(self) -> int:
         return self._prefill_tokens
 
+    def figures(self) -> tuple[int, int, int]:
+        """``(requests, active blocks, prefill tokens)`` in one call: ``len(self)``,
+        :attr:`active_blocks` (blocks) and :attr:`prefill_tokens` (tokens), for the tracker's
+        per-worker loop (one call instead of three lookups per worker and decision)."""
+        return len(self._entries), len(self._refs) + self._extra_blocks, self._prefill_tokens
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -157,7 +157,7 @@ class ActiveTracker:
         for rid in freed:
             self._owner.pop(rid, None)
         self.reconciled += len(freed)
-        if seqs._entries:  # (nothing to expire otherwise)
+        if seqs:  # (nothing to expire otherwise)
             expired = seqs.expire(now, self.ttl_s)
             for rid in expired:
                 self._owner.pop(rid, None)
@@ -172,13 +172,12 @@ class ActiveTracker:
         if seqs is not None:
             if info.heartbeat_at != seqs.heartbeat_at:
                 self._sync(seqs, info, now)
-            n = len(seqs._entries)
+            n, own_blocks, own_prefill = seqs.figures()
             if n:  # the larger of the report and this router's own figures
-                own = len(seqs._refs) + seqs._extra_blocks  # seqs.active_blocks
-                if own > blocks:
-                    blocks = own
-                if seqs._prefill_tokens > prefill:
-                    prefill = seqs._prefill_tokens
+                if own_blocks > blocks:
+                    blocks = own_blocks
+                if own_prefill > prefill:
+                    prefill = own_prefill
                 if n > requests:
                     requests = n
                 tracked = True
