@@ -74,9 +74,7 @@ class Tokenizer:
         #: "ok" when :attr:`fast_encoder` is used, else why not ("off" when not asked for).
         self.fast_encoder_status = "off"
         if fast_encoder:
-            self.fast_encoder, self.fast_encoder_status = fast_bpe.build(
-                tokenizer_json, self._encode_batch_hf
-            )
+            self.fast_encoder, self.fast_encoder_status = fast_bpe.build(tokenizer_json, self.encode_batch)
 
     def _token_id(self, token: str | None) -> int | None:
         if token is None:
@@ -96,10 +94,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`encode` of each of ``texts`` (no BOS/EOS): one ``tokenizers`` batch call, the
         GIL released and the texts spread over the cores. For a worker thread."""
-        return self._encode_batch_hf(list(texts))
-
-    def _encode_batch_hf(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
+        return [e.ids for e in self._tk.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def encode_ordinary(self, text: str) -> list[int]:
         """:meth:`encode` of ``text`` that holds none of the added tokens' strings (the caller
@@ -107,14 +102,13 @@ class Tokenizer:
         when there is one."""
         if self.fast_encoder is not None:
             return self.fast_encoder.encode(text)
-        ids: list[int] = self._tk.encode(text, add_special_tokens=False).ids
-        return ids
+        return self.encode(text)
 
     def encode_ordinary_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`encode_ordinary` of each of ``texts`` (GIL released; for a worker thread)."""
         if self.fast_encoder is not None:
             return self.fast_encoder.encode_batch(texts)
-        return self._encode_batch_hf(list(texts))
+        return self.encode_batch(texts)
 
     def with_special_tokens(self, ids: list[int]) -> list[int]:
         """``ids`` with BOS/EOS added where ``tokenizer_config.json`` says so (what
