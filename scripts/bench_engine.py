@@ -9,6 +9,13 @@ prompts generates 33 tokens; the same batch's 1-token run (prompt only, served f
 cache after the first pass) is subtracted, leaving 32 decode steps per sequence. ``--repeat N``
 runs every measurement N times on fresh prompts and keeps the fastest (a busy machine).
 
+``--shared-prefix N`` adds one measurement: ``--shared-batch`` requests whose prompts share their
+first ``N`` tokens (then 32 tokens of their own) arrive together; it reports the tokens computed
+(the prefix once: the later requests take the blocks the first computes in the same step) against
+computing every prompt whole, and the time until all of them have their first token. Give it a
+step budget that holds the burst (``--max-num-batched-tokens 8192``, Dynamo's mocker default),
+else the prompts are chunked over several steps anyway.
+
 ``--engine model`` (default) measures wall time. ``--engine mock`` runs no model: it reports the
 simulated time (Dynamo's mocker timing model, divided by ``--speedup-ratio``; what a worker would
 wait) and, separately, the engine's own CPU overhead (wall time of the steps).
@@ -46,18 +53,28 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest counts")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="step budget (tokens)")
+    ap.add_argument("--shared-prefix", type=int, default=0, help="tokens shared by a burst (0 = skip)")
+    ap.add_argument("--shared-batch", type=int, default=4, help="requests in the shared-prefix burst")
     ap.add_argument(
         "--deterministic",
         action="store_true",
         help="model engine: batch-invariant mode (EngineConfig.deterministic)",
     )
     args = ap.parse_args()
+    budget = (
+        {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
+    )
     if args.engine == "mock":
         configs = [
             (
                 "mock",
                 EngineConfig(
-                    engine="mock", dtype=args.dtype, kv_cache_gb=0.5, speedup_ratio=args.speedup_ratio
+                    engine="mock",
+                    dtype=args.dtype,
+                    kv_cache_gb=0.5,
+                    speedup_ratio=args.speedup_ratio,
+                    **budget,
                 ),
             )
         ]
@@ -74,6 +91,7 @@ def main() -> None:
                     kv_cache_gb=0.5,
                     num_threads=t,
                     deterministic=args.deterministic,
+                    **budget,
                 ),
             )
             for t in args.threads
@@ -95,6 +113,32 @@ def main() -> None:
         if not mock:
             line += f" ({args.prompt_tokens / wall:.0f} tok/s)"
         print(line + (f" simulated (engine overhead {wall * 1e3:.2f} ms)" if mock else ""))
+        if args.shared_prefix:
+            n, b = args.shared_prefix, args.shared_batch
+            best: tuple[float, float, int] | None = None
+            for r in range(args.repeat):
+                base = 30000 + 2000 * r
+                prompts = [
+                    [*range(base, base + n), *range(40000 + 40 * i + r, 40032 + 40 * i + r)] for i in range(b)
+                ]
+                computed = 0
+                t0 = time.perf_counter()
+                for i, p in enumerate(prompts):
+                    engine.add_request(f"shared-{r}-{i}", p, SamplingParams(max_tokens=1, ignore_eos=True))
+                simulated = 0.0
+                while engine.has_unfinished():
+                    engine.step()
+                    computed += engine.last_step_tokens
+                    simulated += engine.last_step_simulated_s
+                run = (time.perf_counter() - t0, simulated, computed)
+                best = run if best is None or run < best else best
+            assert best is not None
+            wall, sim, computed = best
+            print(
+                f"  shared prefix: {b} x ({n} + 32) tokens together: {computed} tokens computed "
+                f"(of {b * (n + 32)}), all first tokens after {(sim if mock else wall) * 1e3:.1f} ms"
+                + (" simulated" if mock else "")
+            )
         for bs in args.batches:
             # Distinct prompts for the two runs: the same ones would hit the prefix cache the
             # second time, and the difference would no longer be 32 decode steps.

@@ -275,7 +275,7 @@ class LLMEngine:
         if sched.is_empty:
             return outputs
         t0 = time.perf_counter()
-        results = self._execute(sched)
+        results, forward_failed = self._execute(sched)
         self._last_step_simulated_s = self.executor.last_step_simulated_s
         # The step's duration as the caller sees it: wall time plus the simulated time it waits.
         step_ms = (time.perf_counter() - t0 + self._last_step_simulated_s) * 1e3
@@ -285,7 +285,11 @@ class LLMEngine:
                 seq.prefill_ms += step_ms
             if isinstance(result, int):
                 seq.token_ids.append(result)
+        if forward_failed:
+            self._roll_back_failed(sched, results)
         for i, item in enumerate(sched.scheduled):
+            if isinstance(results[i], Exception):
+                continue
             try:  # num_computed_tokens advances; full blocks are registered (KV events)
                 self.scheduler.commit_item(item)
             except Exception as exc:
@@ -300,14 +304,36 @@ class LLMEngine:
                     outputs.append(self._fail(item.seq, exc))
         return outputs
 
-    def _execute(self, sched: SchedulerOutput) -> list[TokenResult]:
+    def _roll_back_failed(self, sched: SchedulerOutput, results: list[TokenResult]) -> None:
+        """After a forward pass that raised: the blocks registered when the step was scheduled
+        hold no valid KV for the items whose own run raised (their forward may not have run):
+        unregister them (``KvRemoved``). A request of this step that took such a block as a
+        prefix hit computed on garbage: its result becomes an error as well, and so on for
+        whoever took *its* blocks. (An item that fails alone in a pass that ran, e.g. in its
+        sampling, has valid KV: nothing is rolled back for it.)"""
+        index = {item.seq.request_id: i for i, item in enumerate(sched.scheduled)}
+        todo = [i for i, r in enumerate(results) if isinstance(r, Exception)]
+        while todo:
+            i = todo.pop()
+            owner = sched.scheduled[i].seq.request_id
+            for rid in self.scheduler.rollback_item(sched.scheduled[i]):
+                j = index.get(rid)
+                if j is not None and not isinstance(results[j], Exception):
+                    results[j] = RuntimeError(
+                        f"its cached prefix was being computed by request {owner!r}, whose step failed"
+                    )
+                    todo.append(j)
+
+    def _execute(self, sched: SchedulerOutput) -> tuple[list[TokenResult], bool]:
         """Run ``sched``; if the whole step raises, run its items one by one, so that the
-        items whose own run raises fail alone (their slot holds the exception)."""
+        items whose own run raises fail alone (their slot holds the exception). Returns the
+        results and whether the batched forward pass raised (then a failed item's KV may not
+        have been written)."""
         try:
-            return self.executor.execute(sched, self.kv)
+            return self.executor.execute(sched, self.kv), False
         except Exception as exc:
             if len(sched.scheduled) == 1:
-                return [exc]
+                return [exc], True
         results: list[TokenResult] = []
         simulated_s = 0.0
         for item in sched.scheduled:
@@ -318,7 +344,7 @@ class LLMEngine:
             simulated_s += self.executor.last_step_simulated_s
             results.append(result)
         self.executor.last_step_simulated_s = simulated_s
-        return results
+        return results, True
 
     def _after_token(self, seq: Sequence, token: int) -> RequestOutput:
         """The output of ``seq`` having sampled ``token`` (already appended); finishes it (or

@@ -24,6 +24,9 @@ One step (:meth:`Scheduler.schedule`) spends a budget of ``max_num_batched_token
 at most ``max_num_seqs`` running sequences: decode tokens of running sequences first, then the
 prefill chunks of running sequences, then new admissions from ``waiting`` (each admission first
 takes the cached prefix of its prompt through ``kv.begin``; those tokens are never computed).
+The blocks a step fills are registered in the prefix cache as it is scheduled, before the
+admissions (vLLM v1 caches in ``allocate_slots`` too): requests sharing a prefix that arrive
+together compute it once, the first computing it and the others reading it in the same pass.
 When a running sequence cannot get the blocks it needs, the most recently admitted running
 sequence is preempted: its blocks are freed (they stay in the prefix cache until evicted) and it
 goes back to the front of ``waiting`` to be recomputed. Admissions stop for the step once anyone
@@ -33,6 +36,7 @@ was preempted. A request that could not run even with the whole pool to itself i
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import time
@@ -277,9 +281,36 @@ class Scheduler:
             num_tokens = self._reserve(seq, min(seq.num_pending_tokens, plan.budget), plan)
             if num_tokens:
                 plan.add(seq, num_tokens)
+        # Nobody is preempted after this point: register the blocks this step fills, so that
+        # the admissions below (and the indexers) see them at once (see :meth:`_register`).
+        for item in plan.scheduled.values():
+            self._register(item.seq, item.start + item.num_tokens)
         if not plan.preempted:
             self._admit(plan)
         return SchedulerOutput(list(plan.scheduled.values()), plan.preempted)
+
+    def _register(self, seq: Sequence, num_tokens: int) -> None:
+        """Register in the prefix cache the blocks ``seq`` fills up to ``num_tokens`` tokens in
+        the step being scheduled (``kv.commit`` at scheduling time, like vLLM v1's
+        ``allocate_slots``): a request admitted after it in the same step reuses that prefix
+        instead of computing it again — the model writes every layer's K/V of the whole batch
+        before attention reads the cache, and the mock charges only the tokens computed. The
+        engine takes the registration back if the step fails for ``seq``
+        (:meth:`rollback_item`). A registration that raises here is left to :meth:`commit_item`
+        after the step, where the failure is that request's alone."""
+        if not seq.has_blocks:
+            return
+        with contextlib.suppress(Exception):  # retried by commit_item, which fails the request
+            self.kv.commit(seq.request_id, seq.token_ids, num_tokens)
+
+    def rollback_item(self, item: ScheduledSeq) -> list[str]:
+        """The step failed for ``item``: unregister the blocks it registered when scheduled (their
+        KV was not computed). Returns the other requests that took any of them as a prefix hit
+        in this step; their KV is invalid too (the engine fails them as well)."""
+        seq = item.seq
+        if not seq.has_blocks or not self.kv.has_request(seq.request_id):
+            return []
+        return self.kv.uncommit(seq.request_id, item.start)
 
     def _reserve(self, seq: Sequence, num_tokens: int, plan: _StepPlan) -> int:
         """Grow ``seq``'s blocks for ``num_tokens`` more tokens; returns the tokens granted (0 = none).
@@ -326,6 +357,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             plan.add(seq, num_tokens)
+            self._register(seq, seq.num_computed_tokens + num_tokens)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -339,9 +371,10 @@ class Scheduler:
     # ---- after a step ----------------------------------------------------------------------------
 
     def commit(self, output: SchedulerOutput) -> None:
-        """Advance ``num_computed_tokens`` of every scheduled sequence and register the blocks it
-        filled in the prefix cache (``kv.commit``, which emits KV events). Call once per step after
-        the model ran and sampled tokens were appended."""
+        """Advance ``num_computed_tokens`` of every scheduled sequence and make sure the blocks it
+        filled are registered in the prefix cache (``kv.commit``, which emits KV events; normally
+        already done when the step was scheduled). Call once per step after the model ran and
+        sampled tokens were appended, for the items that did not fail."""
         for item in output.scheduled:
             self.commit_item(item)
 

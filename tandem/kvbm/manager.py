@@ -7,9 +7,14 @@ The only KV object the engine touches. A request's life, in vLLM v1 ``KVCacheMan
    tokens, capped so the last prompt token is always computed (the model needs its logits).
 2. :meth:`KvCacheManager.grow` — before each step, make sure the request has blocks for all the
    tokens it will hold after the step (all-or-nothing; ``False`` means preempt or wait).
-3. :meth:`KvCacheManager.commit` — after each step, register the blocks that became full and
-   computed in the prefix cache, extending the request's sequence hashes from its token ids as
-   generation goes on (so generated text is cacheable too). Emits ``KvStored``.
+3. :meth:`KvCacheManager.commit` — register the blocks that are full and computed *by the end
+   of the step* in the prefix cache, extending the request's sequence hashes from its token ids
+   as generation goes on (so generated text is cacheable too). Emits ``KvStored``. The
+   scheduler calls it when it schedules the step, as vLLM v1 caches blocks in
+   ``allocate_slots``: a request admitted later in the same step takes those blocks as a prefix
+   hit, and the forward pass writes every layer's K/V before any attention reads it, so the
+   hit reads what its owner writes in the same pass. If the step then fails for the owner,
+   :meth:`KvCacheManager.uncommit` takes the registration back.
 4. :meth:`KvCacheManager.free` — release the blocks, last block first, so the deepest blocks are
    evicted first. A preempted request is simply freed and ``begin`` again later: its committed
    blocks are likely still cached.
@@ -191,7 +196,8 @@ class KvCacheManager:
         return True
 
     def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Register the request's blocks that are now full and computed; emit ``KvStored``.
+        """Register the request's blocks that are full and computed (or will be by the end of
+        the step being scheduled); emit ``KvStored``.
 
         ``token_ids``: all the request's tokens so far (the ones passed to :meth:`begin`
         followed by everything generated); ``num_computed_tokens``: how many of them have KV in
@@ -235,6 +241,34 @@ class KvCacheManager:
             req.seq_hashes[start - 1] if start > 0 else None,
         )
         req.num_committed_blocks = n_full
+
+    def uncommit(self, request_id: str, num_tokens: int) -> list[str]:
+        """Take back the registration of the request's blocks past its first ``num_tokens``
+        tokens: the step that was to compute them failed, so their KV is garbage.
+
+        Unregisters the blocks this request registered from block ``num_tokens // B`` on (a
+        block registered under another request's hash, or skipped as a duplicate, is left
+        alone) and emits ``KvRemoved`` for them. Returns the ids of the *other* requests
+        holding any of those blocks — they took them as a prefix hit in the same step, so
+        their KV is invalid too (the caller fails them). ``KeyError`` if unknown.
+        """
+        req = self._get(request_id)
+        first = max(0, num_tokens) // self.block_size
+        if first >= req.num_committed_blocks:
+            return []
+        dropped = [
+            bid
+            for i, bid in enumerate(req.block_ids[first : req.num_committed_blocks], start=first)
+            if i < len(req.seq_hashes) and self.pool.block_hash(bid) == req.seq_hashes[i]
+        ]
+        req.num_committed_blocks = first
+        if not dropped:
+            return []
+        self.pool.uncache_blocks(dropped)
+        gone = set(dropped)
+        return [
+            rid for rid, r in self._requests.items() if rid != request_id and not gone.isdisjoint(r.block_ids)
+        ]
 
     def free(self, request_id: str) -> None:
         """Release all the request's blocks, last block first, and forget it. ``KeyError`` if

@@ -295,6 +295,31 @@ class BlockPool:
             self._emit_stored(run_parent, run)
         return registered
 
+    def uncache_blocks(self, block_ids: Sequence[int]) -> None:
+        """Unregister blocks whose KV turned out not to be computed (the step that was to
+        compute them failed after :meth:`cache_blocks` registered them at scheduling time).
+
+        Each block must be registered (``ValueError`` otherwise, nothing changed). A cached
+        (unreferenced) one becomes free; in-use ones stay with their holders, unregistered.
+        Emits ``KvRemoved`` for their hashes, so indexers forget them too.
+        """
+        for block_id in block_ids:
+            if self._block(block_id).seq_hash is None:
+                raise ValueError(f"block {block_id} is not registered")
+        if len(set(block_ids)) != len(block_ids):
+            raise ValueError("uncache_blocks: a block is listed twice")
+        removed: list[int] = []
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            assert block.seq_hash is not None  # checked above
+            removed.append(block.seq_hash)
+            self._unregister(block)
+            if block.ref_cnt == 0:
+                del self._lru[block_id]
+                self._free[block_id] = None
+        if removed:
+            self._emit_removed(removed)
+
     def clear(self) -> None:
         """Forget the whole prefix cache and emit ``KvCleared``.
 

@@ -114,6 +114,23 @@ def test_prefix_cache_hit_same_tokens(make_engine, reference) -> None:
     assert tokens(outs["c"]) == plain.generate([other], GREEDY)[0]
 
 
+def test_prefix_computed_in_the_same_step_same_tokens(make_engine) -> None:
+    """Two prompts sharing 2 full blocks arrive together: the second takes the blocks the first
+    computes in the same forward pass as a prefix hit (registered when scheduled; every layer
+    writes the batch's K/V before attention reads the cache) and computes only its own tail,
+    with the same tokens as each run alone."""
+    eng = make_engine()
+    long = PROMPTS[1]  # 37 tokens: 2 full blocks
+    other = [*long[:32], *prompt(9, 11)]
+    eng.add_request("a", long, GREEDY)
+    eng.add_request("b", other, GREEDY)
+    outs = drain(eng)
+    assert outs["a"][0].num_cached_tokens == 0
+    assert outs["b"][0].num_cached_tokens == 32
+    plain = make_engine(enable_prefix_caching=False)
+    assert [tokens(outs["a"]), tokens(outs["b"])] == plain.generate([long, other], GREEDY)
+
+
 def test_preemption_recomputes_same_tokens(make_engine) -> None:
     # 4 blocks of 16 tokens. Both prompts fit at once (1 + 2 blocks) but each crosses a block
     # boundary while decoding (14 -> 19 and 30 -> 35 tokens): the newer one gets preempted,

@@ -212,6 +212,30 @@ def test_clear_unregisters_everything_and_emits_cleared() -> None:
     pool.check_integrity()
 
 
+def test_uncache_blocks_unregisters_and_emits_removed() -> None:
+    """A registration taken back (its step failed): a cached block becomes free, an in-use one
+    stays with its holder unregistered (freed, not cached, on release); KvRemoved says so."""
+    pool = BlockPool(8, BS)
+    tokens = list(range(12))
+    ids = pool.allocate(3)
+    seq = register(pool, ids, tokens)
+    pool.release([ids[2]])  # block 2: cached (refcount 0); blocks 0, 1: in use
+    pool.take_events()
+    with pytest.raises(ValueError, match="not registered"):
+        pool.uncache_blocks([ids[1], pool.allocate(1)[0]])
+    with pytest.raises(ValueError, match="twice"):
+        pool.uncache_blocks([ids[1], ids[1]])
+    assert pool.block_hash(ids[1]) == seq[1]  # nothing changed
+    pool.uncache_blocks([ids[1], ids[2]])
+    assert pool.take_events() == [KvEvent(event_id=1, data=KvRemoved(block_hashes=[seq[1], seq[2]]))]
+    assert pool.get_cached(seq[1], tokens[4:8]) is None and pool.get_cached(seq[2], tokens[8:12]) is None
+    assert pool.stats() == PoolStats(8, 5, 0, 3)  # block 2 free; blocks 0, 1 and the probe in use
+    pool.check_integrity()
+    pool.release([ids[1]])
+    assert pool.stats().cached == 0  # unregistered: freed, not cached
+    pool.check_integrity()
+
+
 def test_disabled_prefix_caching_registers_nothing() -> None:
     pool = BlockPool(4, BS, enable_prefix_caching=False)
     blocks = pool.allocate(2)

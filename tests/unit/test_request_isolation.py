@@ -244,3 +244,58 @@ async def test_engine_client_hands_a_failed_request_to_on_outputs(monkeypatch: p
     assert not failures
     assert finals[BAD].finish_reason == "error" and finals[BAD].error == "FloatingPointError: poisoned"
     assert finals["good"].finish_reason == "length"
+
+
+def test_forward_failure_fails_who_took_its_prefix_in_the_same_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bad request's forward pass fails alone, and another request admitted after it in the
+    same step took the blocks it was computing as a prefix hit: those blocks are unregistered
+    (``KvRemoved``) and that request fails too, since its KV would be garbage; the rest run
+    clean, and the sharer resubmitted gets its clean tokens, computing the prefix itself."""
+    shared = prompt(2 * BS, 99)
+    sharer = {"sharer": ([*shared, *prompt(5, 42)], 6)}
+    clean = run(make(), {**REQUESTS, **sharer})
+    execute = MockExecutor.execute
+
+    def poisoned(self: MockExecutor, out: SchedulerOutput, kv: KvCacheManager) -> list[Any]:
+        if any(item.seq.request_id == BAD for item in out.scheduled):
+            raise RuntimeError("poisoned forward")
+        return execute(self, out, kv)
+
+    monkeypatch.setattr(MockExecutor, "execute", poisoned)
+    engine = make()
+    final = run(engine, {**with_bad(), **sharer} | {BAD: ([*shared, *prompt(3, 7)], 8)})
+    assert final[BAD].finish_reason == "error"
+    assert final["sharer"].finish_reason == "error"
+    assert final["sharer"].error is not None and f"computed by request {BAD!r}" in final["sharer"].error
+    assert final["sharer"].num_cached_tokens == 2 * BS
+    for rid in REQUESTS:
+        assert final[rid].new_token_ids == clean[rid].new_token_ids, rid
+    assert_clean_pool(engine)
+    assert engine.kv.lookup_prefix(shared) == 0  # rolled back: nothing garbage stays cached
+    again = run(engine, {"sharer-again": sharer["sharer"]})["sharer-again"]
+    assert again.num_cached_tokens == 0
+    assert again.new_token_ids == clean["sharer"].new_token_ids
+    assert_clean_pool(engine)
+
+
+def test_sampling_failure_keeps_the_prefix_it_computed_for_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bad request fails in its sampling, after a forward pass that ran: the prefix it
+    computed is valid, so the request that took it in the same step runs on, with clean tokens."""
+    shared = prompt(2 * BS, 98)
+    sharer = {"sharer": ([*shared, *prompt(5, 43)], 6)}
+    clean = run(make(), sharer)
+    token_at = MockExecutor.token_at
+
+    def poisoned(self: MockExecutor, seq: Sequence, position: int) -> int:
+        if seq.request_id == BAD:
+            raise FloatingPointError("poisoned sampling")
+        return token_at(self, seq, position)
+
+    monkeypatch.setattr(MockExecutor, "token_at", poisoned)
+    engine = make()
+    final = run(engine, {BAD: ([*shared, *prompt(3, 8)], 8), **sharer})
+    assert final[BAD].finish_reason == "error"
+    assert final["sharer"].finish_reason == "length" and final["sharer"].num_cached_tokens == 2 * BS
+    assert final["sharer"].new_token_ids == clean["sharer"].new_token_ids
+    assert engine.kv.lookup_prefix(shared) == 2
+    assert_clean_pool(engine)

@@ -51,7 +51,7 @@ def tokens_of(out: SchedulerOutput) -> dict[str, int]:
 
 def test_batches_within_seq_and_token_budgets() -> None:
     s = make(max_num_seqs=3, max_tokens_per_step=20)
-    seqs = [seq(f"r{i}", 6) for i in range(5)]
+    seqs = [seq(f"r{i}", [200 + 10 * i + j for j in range(6)]) for i in range(5)]  # no shared prefix
     for q in seqs:
         s.add(q)
     first = run_step(s)
@@ -195,3 +195,50 @@ def test_waits_instead_of_deadlocking_when_blocks_are_pinned() -> None:
     s.kv.unpin("p")
     run_all(s)
     assert s.kv.stats().in_use == 0
+
+
+def test_prefix_scheduled_in_the_same_step_is_computed_once() -> None:
+    """Blocks are registered when their step is scheduled (vLLM v1 caches in allocate_slots):
+    a request admitted after another in the same step takes the blocks that one computes as a
+    prefix hit, and the KV events announce them before the step runs."""
+    s = make()
+    shared = list(range(300, 308))  # 2 full blocks
+    s.add(seq("a", [*shared, 1, 2, 3, 4]))
+    s.add(seq("b", [*shared, 5, 6]))
+    s.add(seq("c", [9, *shared]))  # same tokens, other position: no hit
+    out = s.schedule()
+    assert tokens_of(out) == {"a": 12, "b": 2, "c": 9}
+    b = out.scheduled[1]
+    assert (b.start, b.seq.num_cached_tokens) == (8, 8)
+    assert s.kv.block_table("b")[:2] == s.kv.block_table("a")[:2]
+    stored = [e.data for e in s.kv.take_events()]
+    assert [len(d.blocks) for d in stored] == [3, 2]  # a: 3 full blocks; c: 2 (b: none new)
+    s.kv.check_integrity()
+    for item in out.scheduled:
+        item.seq.token_ids.append(7)
+    s.commit(out)
+    assert s.kv.take_events() == []  # nothing left to register after the step
+    run_all(s)
+    assert s.kv.stats().in_use == 0
+
+
+def test_rollback_unregisters_a_failed_items_blocks_and_names_who_shared_them() -> None:
+    s = make()
+    shared = list(range(400, 408))
+    s.add(seq("a", [*shared, 1, 2, 3, 4]))
+    s.add(seq("b", [*shared, 5, 6]))
+    s.add(seq("c", [20, 21, 22, 23, 24]))
+    out = s.schedule()
+    s.kv.take_events()
+    a, b, c = out.scheduled
+    assert s.rollback_item(a) == ["b"]  # b took a's first 2 blocks as a hit
+    assert s.kv.lookup_prefix(a.seq.token_ids) == 0
+    (removed,) = [e.data for e in s.kv.take_events()]
+    assert len(removed.block_hashes) == 3
+    assert s.rollback_item(c) == []
+    s.kv.check_integrity()
+    for item in (a, b):  # the engine fails both: out of the queues, blocks freed (not cached)
+        s.abort(item.seq.request_id, reason="error")
+    stats = s.kv.stats()
+    assert (stats.cached, stats.in_use) == (0, 2)  # a's and b's blocks freed, not cached; c runs on
+    s.kv.check_integrity()
