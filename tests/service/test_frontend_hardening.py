@@ -507,7 +507,8 @@ async def test_huge_bodies_within_the_size_limit_do_not_stall_the_loop(
     nats_url: str, tokenizer: Tokenizer
 ) -> None:
     """~4 MB bodies of many small items (2M token ids, 1M stop strings, 140k messages): refused
-    with 400 in well under a second, parsed off the event loop."""
+    with 400 in well under a second, parsed off the event loop. The bounds scale with what the
+    same parse takes inline in this run (a loaded machine is slower at both)."""
     many_ids = b'{"model": "%s", "prompt": [' % MODEL.encode() + b",".join([b"1"] * 2_000_000) + b"]}"
     many_stops = (
         b'{"model": "%s", "prompt": "x", "stop": [' % MODEL.encode() + b",".join([b'"a"'] * 1_000_000) + b"]}"
@@ -522,13 +523,19 @@ async def test_huge_bodies_within_the_size_limit_do_not_stall_the_loop(
         ):
             assert len(data) < s.frontend.config.max_request_bytes
             t0 = time.perf_counter()
+            with contextlib.suppress(Exception):  # refused: what matters is how long it took
+                s.frontend.preprocessor.parse("chat" if "chat" in path else "completion", data)
+            inline_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             resp, gap = await heartbeat_gap(
                 s.client.post(path, data=data, headers={"Content-Type": "application/json"})
             )
             assert resp.status == 400
             assert assert_openai_error(await resp.json())["code"] == code
-            assert time.perf_counter() - t0 < 3.0
-            assert gap < 0.5, f"{path}: event loop blocked {gap * 1000:.0f} ms"
+            assert time.perf_counter() - t0 < max(3.0, 5 * inline_s)
+            assert gap < max(0.5, 0.5 * inline_s), (
+                f"{path}: event loop blocked {gap * 1000:.0f} ms (inline parse {inline_s * 1000:.0f} ms)"
+            )
         await s.ok()
 
 
