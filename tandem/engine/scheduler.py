@@ -66,6 +66,9 @@ class Sequence:
     from a prefill worker); the rest are *pending* and get computed in later steps. ``sampling``
     always has a seed (the engine assigns one when the request had none). ``stop_token_ids``:
     tokens that finish the request (eos unless ``ignore_eos``, plus the request's own).
+    ``block_hashes`` / ``local_hashes``: sequence and local hashes of the prompt's full blocks,
+    computed once from ``token_ids`` when the request was added (``local_hashes`` empty: the
+    block manager hashes the tokens itself).
     """
 
     request_id: str
@@ -83,6 +86,7 @@ class Sequence:
     finish_reason: str | None = None
     prefill_ms: float = 0.0
     arrival_time: float = field(default_factory=time.monotonic)
+    local_hashes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -341,7 +345,9 @@ class Scheduler:
             seq = self.waiting[0]
             began = False
             if not seq.has_blocks:
-                cached = self.kv.begin(seq.request_id, seq.token_ids, seq.block_hashes)
+                cached = self.kv.begin(
+                    seq.request_id, seq.token_ids, seq.block_hashes, local_hashes=seq.local_hashes or None
+                )
                 seq.num_computed_tokens = cached
                 if seq.num_preemptions == 0:
                     seq.num_cached_tokens = cached

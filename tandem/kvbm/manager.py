@@ -147,6 +147,7 @@ class KvCacheManager:
         block_hashes: Sequence[int] | None = None,
         *,
         lora_name: str | None = None,
+        local_hashes: Sequence[int] | None = None,
     ) -> int:
         """Start (or restart after preemption) a request: take refs on its cached prefix.
 
@@ -154,6 +155,10 @@ class KvCacheManager:
         a preempted request); must be non-empty. ``block_hashes``: sequence hashes of (a prefix
         of) its full blocks as computed by the frontend, or None to compute them here; they are
         checked against ``token_ids`` (``ValueError`` on mismatch: wrong block size or LoRA).
+        ``local_hashes``: the local hashes matching ``block_hashes`` one for one, computed by
+        the caller from these very tokens with this block size (the engine does at
+        ``add_request``): then neither is computed again, only the blocks past them (the
+        generated tokens of a resumed request) are hashed.
 
         Returns the number of cached tokens: a multiple of ``block_size``, at most
         ``len(token_ids) - 1`` so the last token is always computed. The request then owns
@@ -165,7 +170,7 @@ class KvCacheManager:
         if len(token_ids) == 0:
             raise ValueError(f"request {request_id!r}: token_ids is empty")
         seed = lora_seed(lora_name)
-        seq, local = self._hashes(token_ids, block_hashes, seed)
+        seq, local = self._hashes(token_ids, block_hashes, seed, local_hashes)
         max_hit = (len(token_ids) - 1) // self.block_size
         hits = self._find_cached(token_ids, seq, max_hit)
         self.pool.touch(hits)
@@ -404,18 +409,34 @@ class KvCacheManager:
         return -(-num_tokens // self.block_size)
 
     def _hashes(
-        self, token_ids: Sequence[int], block_hashes: Sequence[int] | None, seed: int
+        self,
+        token_ids: Sequence[int],
+        block_hashes: Sequence[int] | None,
+        seed: int,
+        local_hashes: Sequence[int] | None = None,
     ) -> tuple[list[int], list[int]]:
         """(sequence hashes, local hashes) of the full blocks of ``token_ids``, checking the
-        caller's ``block_hashes`` (a prefix of the sequence hashes) against them."""
+        caller's ``block_hashes`` (a prefix of the sequence hashes) against them, or, given the
+        matching ``local_hashes`` too (see :meth:`begin`), extending both past them."""
         if not self.enable_prefix_caching:
             return [], []
-        local = compute_local_hashes(token_ids, self.block_size, seed)
+        bs = self.block_size
+        n_full = len(token_ids) // bs
         seq: list[int] = []
-        prev: int | None = None
-        for h in local:
+        local: list[int] = []
+        trusted = False
+        if local_hashes is not None and block_hashes is not None:
+            trusted = len(local_hashes) == len(block_hashes) <= n_full
+            if trusted:
+                seq, local = list(block_hashes), list(local_hashes)
+        more = compute_local_hashes(token_ids[len(local) * bs : n_full * bs], bs, seed)
+        prev = seq[-1] if seq else None
+        for h in more:
             prev = sequence_hash(prev, h)
             seq.append(prev)
+        local += more
+        if trusted:
+            return seq, local
         if block_hashes is not None:
             n = len(block_hashes)
             if n > len(seq) or list(block_hashes) != seq[:n]:

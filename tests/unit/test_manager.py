@@ -395,3 +395,26 @@ def test_randomized_engine_workload() -> None:
     s = m.stats()
     assert s.in_use == 0 and s.free + s.cached == 40
     assert next_id > 500
+
+
+def test_begin_with_the_callers_local_hashes_hashes_only_past_them() -> None:
+    """The engine hashes a prompt once at add_request and hands both hash lists to begin: the
+    same hits and the same KV events as hashing here, also for a resumed request whose
+    generated tokens filled blocks past the prompt's."""
+    prompt = toks(14, 50)  # 3 full blocks
+    resumed = [*prompt, *toks(7, 900)]  # 5 full blocks after generation
+    local = compute_local_hashes(prompt, BS)
+    seq = compute_block_hashes(prompt, BS)
+    results = []
+    for kw in ({}, {"local_hashes": local}):
+        m = KvCacheManager(32, BS)
+        run_prefill(m, "warm", resumed)
+        m.free("warm")
+        m.take_events()
+        hit = m.begin("r", resumed, seq, **kw)  # type: ignore[arg-type]
+        assert m.grow("r", len(resumed) + 3)
+        m.commit("r", [*resumed, 1, 2, 3], len(resumed) + 3)
+        m.check_integrity()
+        results.append((hit, m.block_table("r"), m.take_events()))
+    assert results[0] == results[1]
+    assert results[0][0] == 5 * BS  # the generated blocks hit too: their hashes were extended
