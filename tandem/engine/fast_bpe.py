@@ -30,17 +30,30 @@ Why the ids agree (and what :func:`build` checks before it returns an encoder):
 
 Anything else (a SentencePiece/Unigram/WordPiece model, another pre-tokenizer) gets ``None``
 with the reason, and callers keep ``tokenizers``.
+
+The check takes ~1 s. Given a ``verdict_dir``, :func:`build` records a passed check there in an
+empty file named by :func:`verdict_key` — a digest of the ``tokenizer.json`` text, the
+``tiktoken`` and reference library versions and this module's own source — and skips the check
+when that file exists: the same inputs give the same ids, and any change to one of them names
+another file. The structural checks (1–3) always run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["GPT2_DIGITS_PATTERN", "GPT2_PATTERN", "FastBPE", "build"]
+__all__ = ["GPT2_DIGITS_PATTERN", "GPT2_PATTERN", "FastBPE", "build", "verdict_key"]
+
+#: Status of an encoder whose check passed in this call, and of one a recorded verdict vouches for.
+STATUS_CHECKED = "ok"
+STATUS_RECORDED = "ok (check passed before: recorded verdict)"
 
 #: The GPT-2 split pattern, as ``tokenizers``' ``ByteLevel(use_regex=True)`` uses it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -149,16 +162,41 @@ def _merge_pair(m: Any) -> tuple[str, str] | None:
     return None
 
 
+def verdict_key(tokenizer_json: str, reference_version: str) -> str:
+    """Hex SHA-256 naming the outcome of :func:`build`'s check for these inputs: the
+    ``tokenizer.json`` text, the installed ``tiktoken`` version, ``reference_version`` (the
+    reference tokenizer's library and version) and this module's source file."""
+    import tiktoken
+
+    h = hashlib.sha256()
+    for part in (
+        tokenizer_json.encode(),
+        str(getattr(tiktoken, "__version__", "")).encode(),
+        reference_version.encode(),
+        Path(__file__).read_bytes(),
+    ):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
 def build(
-    tokenizer_json: str, reference: Callable[[list[str]], list[list[int]]]
+    tokenizer_json: str,
+    reference: Callable[[list[str]], list[list[int]]],
+    *,
+    verdict_dir: Path | None = None,
+    reference_version: str = "",
 ) -> tuple[FastBPE | None, str]:
     """A :class:`FastBPE` for the ``tokenizer.json`` text ``tokenizer_json``, checked against
     ``reference`` (the original tokenizer: texts → ids, no special tokens added).
 
-    Returns ``(encoder, "ok")``, or ``(None, reason)`` when the tokenizer is not a supported
-    byte-level BPE, ``tiktoken`` is missing, or any checked text encodes differently (the
-    reason names the first one). Never raises for an unsupported tokenizer. Takes ~1 s (the
-    check encodes ~70k texts both ways).
+    Returns ``(encoder, status)`` with :data:`STATUS_CHECKED` (or :data:`STATUS_RECORDED` when
+    a verdict in ``verdict_dir`` for the same inputs, see :func:`verdict_key`, spared the
+    check), or ``(None, reason)`` when the tokenizer is not a supported byte-level BPE,
+    ``tiktoken`` is missing, or any checked text encodes differently (the reason names the
+    first one). Never raises for an unsupported tokenizer, nor for a ``verdict_dir`` it cannot
+    read or write (the check then simply runs). The check takes ~1 s (it encodes ~70k texts
+    both ways); a passed one is recorded in ``verdict_dir`` when given.
     """
     try:
         import tiktoken
@@ -212,13 +250,23 @@ def build(
         return None, f"tiktoken refused the vocabulary: {e}"
     unencodable = _unencodable(missing)
     fast = FastBPE(encoding, pattern, reference, unencodable)
+    verdict = None
+    if verdict_dir is not None:
+        verdict = verdict_dir / f"fast-bpe-{verdict_key(tokenizer_json, reference_version)[:40]}.ok"
+        with contextlib.suppress(OSError):
+            if verdict.is_file():
+                return fast, STATUS_RECORDED
     texts = _check_texts(ranks, unencodable)
     got = fast.encode_batch(texts)
     want = reference(texts)
     for text, a, b in zip(texts, got, want, strict=True):
         if list(a) != list(b):
             return None, f"tiktoken and tokenizers differ on {text[:60]!r}"
-    return fast, "ok"
+    if verdict is not None:
+        with contextlib.suppress(OSError):  # best effort: a read-only cache only costs the check
+            verdict.parent.mkdir(parents=True, exist_ok=True)
+            verdict.touch()
+    return fast, STATUS_CHECKED
 
 
 def _unencodable(missing: list[int]) -> re.Pattern[str] | None:

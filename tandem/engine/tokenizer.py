@@ -22,6 +22,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HfTokenizer
+from tokenizers import __version__ as tokenizers_version
 
 from tandem.engine import fast_bpe
 
@@ -41,10 +42,14 @@ class Tokenizer:
 
     ``fast_encoder``: build the tiktoken encoder for :meth:`encode_ordinary` (~1 s at
     construction for its check; :attr:`fast_encoder_status` says whether it is used and why
-    not). Raises ``FileNotFoundError`` if ``tokenizer.json`` is missing.
+    not). ``verdict_dir``: where that check's passed verdicts are recorded and looked up
+    (:func:`tandem.engine.fast_bpe.build`; None = always check). Raises ``FileNotFoundError``
+    if ``tokenizer.json`` is missing.
     """
 
-    def __init__(self, model_dir: str | Path, *, fast_encoder: bool = False) -> None:
+    def __init__(
+        self, model_dir: str | Path, *, fast_encoder: bool = False, verdict_dir: str | Path | None = None
+    ) -> None:
         model_dir = Path(model_dir)
         tokenizer_json = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
         self._tk = _HfTokenizer.from_str(tokenizer_json)
@@ -71,10 +76,16 @@ class Tokenizer:
         )
         #: The checked tiktoken encoder of :meth:`encode_ordinary` (None: ``tokenizers`` only).
         self.fast_encoder: fast_bpe.FastBPE | None = None
-        #: "ok" when :attr:`fast_encoder` is used, else why not ("off" when not asked for).
+        #: Starts with "ok" when :attr:`fast_encoder` is used (checked now, or vouched for by a
+        #: recorded verdict), else why not ("off" when not asked for).
         self.fast_encoder_status = "off"
         if fast_encoder:
-            self.fast_encoder, self.fast_encoder_status = fast_bpe.build(tokenizer_json, self.encode_batch)
+            self.fast_encoder, self.fast_encoder_status = fast_bpe.build(
+                tokenizer_json,
+                self.encode_batch,
+                verdict_dir=None if verdict_dir is None else Path(verdict_dir),
+                reference_version=f"tokenizers {tokenizers_version}",
+            )
 
     def _token_id(self, token: str | None) -> int | None:
         if token is None:

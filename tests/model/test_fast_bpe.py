@@ -137,3 +137,40 @@ def test_unsupported_tokenizers_are_refused_with_a_reason(
 def test_malformed_json_is_refused(tok: Tokenizer) -> None:
     fast, why = fast_bpe.build("{not json", _reference(tok))
     assert fast is None and "not JSON" in why
+
+
+def test_a_passed_check_is_recorded_and_spares_the_next_one(
+    tok: Tokenizer, json_text: str, tmp_path: Path, model_dir: Path
+) -> None:
+    """The verdict names its inputs: the same tokenizer, libraries and check code find it and
+    skip the check; another reference version, or a tokenizer that fails, does not."""
+    calls: list[int] = []
+
+    def reference(texts: list[str]) -> list[list[int]]:
+        calls.append(len(texts))
+        return tok.encode_batch(texts)
+
+    fast, why = fast_bpe.build(json_text, reference, verdict_dir=tmp_path, reference_version="v1")
+    assert fast is not None and why == fast_bpe.STATUS_CHECKED and calls
+    (recorded,) = tmp_path.iterdir()
+    assert recorded.name == f"fast-bpe-{fast_bpe.verdict_key(json_text, 'v1')[:40]}.ok"
+    calls.clear()
+    again, why = fast_bpe.build(json_text, reference, verdict_dir=tmp_path, reference_version="v1")
+    assert again is not None and why == fast_bpe.STATUS_RECORDED and not calls
+    assert again.encode_batch(TEXTS) == [tok.encode(t, add_special_tokens=False) for t in TEXTS]
+    _, why = fast_bpe.build(json_text, reference, verdict_dir=tmp_path, reference_version="v2")
+    assert why == fast_bpe.STATUS_CHECKED and calls  # another library version: checked again
+    # a tokenizer that fails the check leaves no verdict behind
+    bad = _edited(json_text, lambda s: s.update(pre_tokenizer=s["pre_tokenizer"]["pretokenizers"][1]))
+    assert fast_bpe.build(bad, reference, verdict_dir=tmp_path)[0] is None
+    assert len(list(tmp_path.iterdir())) == 2
+    # an unwritable verdict dir only costs the check
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert fast_bpe.build(json_text, reference, verdict_dir=blocked / "sub")[1] == fast_bpe.STATUS_CHECKED
+    # the Tokenizer passes it through, naming the tokenizers library's version
+    vouched = Tokenizer(model_dir, fast_encoder=True, verdict_dir=tmp_path / "tk")
+    assert vouched.fast_encoder_status == fast_bpe.STATUS_CHECKED
+    assert Tokenizer(model_dir, fast_encoder=True, verdict_dir=tmp_path / "tk").fast_encoder_status == (
+        fast_bpe.STATUS_RECORDED
+    )

@@ -29,6 +29,7 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
 from tandem.config import add_arguments, from_namespace
+from tandem.engine.paths import verdict_dir
 from tandem.engine.tokenizer import Tokenizer
 from tandem.kvbm.hashing import compute_block_hashes
 from tandem.protocol import Subjects
@@ -324,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
 
             model_dir = await asyncio.to_thread(prepare_model)
         tokenizer = await asyncio.to_thread(
-            Tokenizer, model_dir, fast_encoder=config.tokenizer_backend == "auto"
+            Tokenizer,
+            model_dir,
+            fast_encoder=config.tokenizer_backend == "auto",
+            verdict_dir=verdict_dir(),
         )
         svc.log.info(
             "tokenizer",
