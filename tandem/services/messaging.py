@@ -43,6 +43,7 @@ __all__ = [
     "publish",
     "request",
     "serve",
+    "sync_with_server",
 ]
 
 M = TypeVar("M", bound=Message)
@@ -183,6 +184,23 @@ async def _reply(nc: NatsClient, subject: str | None, msg: Message) -> None:
         _log.warning("reply_failed", reply_subject=subject, error=repr(e))
 
 
+async def sync_with_server(nc: NatsClient, round_trip_s: float = 5.0) -> None:
+    """Return once the server has processed everything ``nc`` sent before the call (a SUB: the
+    subscription is registered; a PUB: it was routed). ``nats.errors.FlushTimeoutError`` after
+    ``round_trip_s`` seconds per round trip.
+
+    ``nc.flush()`` alone does not promise that with nats-py 2.16: it writes its PING straight to
+    the socket while earlier commands still wait in the client's pending buffer for its flusher
+    task, so the PONG can come back before the server has seen them (seen in CI as "no
+    responders" to a subscription flushed just before, and as a message published to one that
+    never arrived). The first flush yields to the flusher, which writes the pending commands
+    before the PONG can be read; the second PING goes out after them, and the server answers a
+    connection's commands in order.
+    """
+    await nc.flush(timeout=round_trip_s)  # type: ignore[arg-type]  # nats-py annotates int
+    await nc.flush(timeout=round_trip_s)  # type: ignore[arg-type]
+
+
 async def serve(
     nc: NatsClient,
     subject: str,
@@ -278,7 +296,7 @@ async def serve(
         trk.spawn(handle(nmsg), name=f"serve:{subject}")
 
     sub = await nc.subscribe(subject, queue=queue or "", cb=on_msg)
-    await nc.flush(timeout=5)  # the server knows the subscription when serve returns
+    await sync_with_server(nc)  # the server knows the subscription when serve returns
     return sub
 
 

@@ -60,7 +60,7 @@ from tandem.services.frontend import (
 from tandem.services.frontend.preprocess import PromptEncoder
 from tandem.services.frontend.render import DONE, renderer_for, stream_batches
 from tandem.services.frontend.service import parse_args
-from tandem.services.messaging import TaskTracker, serve
+from tandem.services.messaging import TaskTracker, serve, sync_with_server
 from tandem.services.runtime import connect, ensure_jetstream
 from tests.conftest import free_port
 
@@ -103,7 +103,7 @@ class FakeRouter:
     async def start(self) -> None:
         await self.nc.subscribe(self.subjects.router_generate, queue="router", cb=self._on_route)
         await self.nc.subscribe(self.subjects.cancel, cb=self._on_cancel)
-        await self.nc.flush()
+        await sync_with_server(self.nc)  # nc.flush() alone can return before the SUBs arrive
 
     async def _on_route(self, msg: NatsMsg) -> None:
         route = msgspec.msgpack.decode(msg.data, type=RouteRequest)

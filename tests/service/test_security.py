@@ -16,6 +16,7 @@ controls (what each role must be able to do) keep the refusals from passing vacu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,6 +55,7 @@ from tandem.services.auth import (
     write_credentials,
 )
 from tandem.services.launch_plan import LaunchConfig, plan_users
+from tandem.services.messaging import sync_with_server
 from tandem.services.processes import tail
 from tandem.services.runtime import connect, ensure_jetstream
 from tests.service.util import eventually
@@ -154,7 +156,7 @@ async def observe(login: Callable[[str], Awaitable[Conn]]) -> Callable[[str], Aw
             holder.append(await login(OBSERVER))
         watch = Watch(holder[0])
         await holder[0].nc.subscribe(subject, cb=watch.on_msg)
-        await holder[0].nc.flush()
+        await sync_with_server(holder[0].nc)
         return watch
 
     return _observe
@@ -163,7 +165,7 @@ async def observe(login: Callable[[str], Awaitable[Conn]]) -> Callable[[str], Aw
 async def settle(*conns: Conn) -> None:
     """Let the server answer everything sent so far (a violation arrives before the PONG)."""
     for c in conns:
-        await c.nc.flush(timeout=5)
+        await sync_with_server(c.nc)
     await asyncio.sleep(0.2)
 
 
@@ -394,18 +396,27 @@ async def test_worker_may_publish_its_own_events_registry_and_chunks(
     await js.publish(f"$KV.{S.instances_bucket}.decode-0", b"entry")
     await settle(worker)
     assert worker.violations() == []
-    # One failure seen in CI (stop 11, not reproduced in 15 runs of this module): the chunk never
-    # reached the observer. Say what each side and the server saw if it happens again.
-    await eventually(
-        lambda: bool(chunks.msgs),
-        limit_s=10,
-        explain=lambda: (
+    # Seen once in CI (stop 11): the chunk never reached the observer, with no violation. The
+    # likely cause, nats-py's flush() PING overtaking the pending SUB (see sync_with_server), is
+    # fixed; should it still happen, the chunk is published again (a refused subject never gets
+    # through however often it is tried) and the failure says what each side and the server saw.
+
+    def explain() -> str:
+        return (
             f"worker connected={worker.nc.is_connected} errors={worker.errors}; "
             f"observer connected={chunks.conn.nc.is_connected} errors={chunks.conn.errors}; "
             f"server log tail:\n{tail(secure_nats.log_path)}"
-        ),
-    )
-    assert [m.data for m in chunks.msgs] == [b"chunk"]
+        )
+
+    for _attempt in range(3):
+        with contextlib.suppress(AssertionError):
+            await eventually(lambda: bool(chunks.msgs), limit_s=3)
+            break
+        await worker.nc.publish(f"{inbox_prefix('frontend')}.abc.1", b"chunk")
+        await settle(worker)
+    await eventually(lambda: bool(chunks.msgs), limit_s=3, explain=explain)
+    assert worker.violations() == []
+    assert {m.data for m in chunks.msgs} == {b"chunk"}
     assert (await kv.get("decode-0")).value == b"entry"
     await kv.delete("decode-0")
 
@@ -435,7 +446,9 @@ async def test_only_workers_publish_kv_events_and_registry_entries(
 
 
 async def test_services_answer_only_requests_they_received(
-    login: Callable[[str], Awaitable[Conn]], observe: Callable[[str], Awaitable[Watch]]
+    secure_nats: SecureNats,
+    login: Callable[[str], Awaitable[Conn]],
+    observe: Callable[[str], Awaitable[Watch]],
 ) -> None:
     """``allow_responses``: a worker may reply to a request it got, not to an arbitrary inbox."""
     router = await login("router")
@@ -446,10 +459,25 @@ async def test_services_answer_only_requests_they_received(
         await worker.nc.publish(msg.reply, b"ack")
 
     await worker.nc.subscribe(S.worker_health("decode-0"), cb=answer)
-    await worker.nc.flush()
-    reply = await router.nc.request(S.worker_health("decode-0"), encode(HealthRequest()), timeout=5)
+    await sync_with_server(worker.nc)
+    # Seen once in CI (stop 12): "no responders" right after the worker's subscription was
+    # flushed, with no violation: nats-py's flush() PING overtook the pending SUB (see
+    # sync_with_server, used above). Should it still happen, the request is retried; the
+    # worker must still answer it (a refused subscription never would).
+    for attempt in range(3):
+        try:
+            reply = await router.nc.request(S.worker_health("decode-0"), encode(HealthRequest()), timeout=5)
+            break
+        except nats.errors.NoRespondersError:
+            if attempt == 2:
+                raise AssertionError(
+                    f"no responders 3 times; worker errors={worker.errors} "
+                    f"server log tail:\n{tail(secure_nats.log_path)}"
+                ) from None
+            await asyncio.sleep(0.5)
     replied.append(reply.data)
     assert replied == [b"ack"]
+    assert worker.violations() == []
     target = f"{inbox_prefix('router')}.not-asked"
     await refused_publish(worker, target, b"unsolicited", await observe(target))
 

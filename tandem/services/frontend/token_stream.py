@@ -72,6 +72,7 @@ from nats.aio.subscription import Subscription
 from tandem.protocol import Subjects
 from tandem.protocol.messages import Ack, Cancel, ErrorReply, RouteRequest, SamplingParams, TokenChunk, encode
 from tandem.protocol.openai import OpenAIError
+from tandem.services.messaging import sync_with_server
 from tandem.services.observability import get_logger, inject_headers
 
 __all__ = [
@@ -157,7 +158,7 @@ class InboxMux:
         async with self._lock:
             if self._sub is None:
                 sub = await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_msg)
-                await self.nc.flush(timeout=5)
+                await sync_with_server(self.nc)
                 self._sub = sub
 
     async def stop(self) -> None:
