@@ -115,25 +115,23 @@ def main() -> None:
         print(line + (f" simulated (engine overhead {wall * 1e3:.2f} ms)" if mock else ""))
         if args.shared_prefix:
             n, b = args.shared_prefix, args.shared_batch
-            best: tuple[float, float, int] | None = None
+            runs: list[tuple[float, float, int]] = []
             for r in range(args.repeat):
                 base = 30000 + 2000 * r
                 prompts = [
                     [*range(base, base + n), *range(40000 + 40 * i + r, 40032 + 40 * i + r)] for i in range(b)
                 ]
                 computed = 0
+                simulated = 0.0
                 t0 = time.perf_counter()
                 for i, p in enumerate(prompts):
                     engine.add_request(f"shared-{r}-{i}", p, SamplingParams(max_tokens=1, ignore_eos=True))
-                simulated = 0.0
                 while engine.has_unfinished():
                     engine.step()
                     computed += engine.last_step_tokens
                     simulated += engine.last_step_simulated_s
-                run = (time.perf_counter() - t0, simulated, computed)
-                best = run if best is None or run < best else best
-            assert best is not None
-            wall, sim, computed = best
+                runs.append((time.perf_counter() - t0, simulated, computed))
+            wall, sim, computed = min(runs)
             print(
                 f"  shared prefix: {b} x ({n} + 32) tokens together: {computed} tokens computed "
                 f"(of {b * (n + 32)}), all first tokens after {(sim if mock else wall) * 1e3:.1f} ms"

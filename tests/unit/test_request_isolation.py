@@ -81,6 +81,31 @@ def with_bad(n_tokens: int = 30) -> dict[str, tuple[list[int], int]]:
     return dict([*items[:2], (BAD, (prompt(n_tokens, 99), 8)), *items[2:]])
 
 
+def poison_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mock executor's step raises for the whole batch whenever the bad request is in it."""
+    execute = MockExecutor.execute
+
+    def poisoned(self: MockExecutor, out: SchedulerOutput, kv: KvCacheManager) -> list[Any]:
+        if any(item.seq.request_id == BAD for item in out.scheduled):
+            raise RuntimeError("poisoned forward")
+        return execute(self, out, kv)
+
+    monkeypatch.setattr(MockExecutor, "execute", poisoned)
+
+
+def poison_sampling(monkeypatch: pytest.MonkeyPatch, message: str, after_tokens: int = 0) -> None:
+    """The bad request's sampling raises ``FloatingPointError(message)`` once it has
+    ``after_tokens`` output tokens (its forward pass runs)."""
+    token_at = MockExecutor.token_at
+
+    def poisoned(self: MockExecutor, seq: Sequence, position: int) -> int:
+        if seq.request_id == BAD and seq.num_output_tokens >= after_tokens:
+            raise FloatingPointError(message)
+        return token_at(self, seq, position)
+
+    monkeypatch.setattr(MockExecutor, "token_at", poisoned)
+
+
 def check_isolated(final: dict[str, RequestOutput], clean: dict[str, RequestOutput], what: str) -> None:
     bad = final[BAD]
     assert bad.finish_reason == "error"
@@ -94,14 +119,7 @@ def check_isolated(final: dict[str, RequestOutput], clean: dict[str, RequestOutp
 @pytest.mark.parametrize("budget", [512, 24])  # 24: chunked prefill, the bad request mid-prompt
 def test_sampling_failure_fails_only_that_request(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
     clean = run(make(max_num_batched_tokens=budget), REQUESTS)
-    token_at = MockExecutor.token_at
-
-    def poisoned(self: MockExecutor, seq: Sequence, position: int) -> int:
-        if seq.request_id == BAD and seq.num_output_tokens >= 2:  # fails on its third token
-            raise FloatingPointError("poisoned sampling")
-        return token_at(self, seq, position)
-
-    monkeypatch.setattr(MockExecutor, "token_at", poisoned)
+    poison_sampling(monkeypatch, "poisoned sampling", after_tokens=2)  # fails on its third token
     engine = make(max_num_batched_tokens=budget)
     final = run(engine, with_bad())
     check_isolated(final, clean, "FloatingPointError: poisoned sampling")
@@ -136,14 +154,7 @@ def test_forward_failure_with_one_request_in_the_batch_fails_only_it(monkeypatch
     """The executor raises for the whole step whenever the bad request is in it: the engine
     retries the step's items one by one and fails only the bad one."""
     clean = run(make(), REQUESTS)
-    execute = MockExecutor.execute
-
-    def poisoned(self: MockExecutor, out: SchedulerOutput, kv: KvCacheManager) -> list[Any]:
-        if any(item.seq.request_id == BAD for item in out.scheduled):
-            raise RuntimeError("poisoned forward")
-        return execute(self, out, kv)
-
-    monkeypatch.setattr(MockExecutor, "execute", poisoned)
+    poison_forward(monkeypatch)
     engine = make()
     final = run(engine, with_bad())
     check_isolated(final, clean, "RuntimeError: poisoned forward")
@@ -168,14 +179,7 @@ def test_commit_failure_fails_only_that_request(monkeypatch: pytest.MonkeyPatch)
 
 def test_prefill_only_failure_pins_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """A prefill-only request that fails hands no blocks over: nothing stays pinned."""
-    token_at = MockExecutor.token_at
-
-    def poisoned(self: MockExecutor, seq: Sequence, position: int) -> int:
-        if seq.request_id == BAD:
-            raise FloatingPointError("poisoned first token")
-        return token_at(self, seq, position)
-
-    monkeypatch.setattr(MockExecutor, "token_at", poisoned)
+    poison_sampling(monkeypatch, "poisoned first token")
     engine = make()
     outs = run(engine, {BAD: (prompt(40, 7), 8), "good": (prompt(40, 8), 8)}, prefill_only=True)
     assert outs[BAD].finish_reason == "error" and outs[BAD].pinned_block_ids is None
@@ -206,14 +210,7 @@ async def test_engine_client_hands_a_failed_request_to_on_outputs(monkeypatch: p
     """Through the worker's engine loop: the failed request arrives as an ``error`` output (the
     worker sends it an error chunk), ``on_failure`` (fail every request) is never called, and
     the other request finishes normally."""
-    token_at = MockExecutor.token_at
-
-    def poisoned(self: MockExecutor, seq: Sequence, position: int) -> int:
-        if seq.request_id == BAD:
-            raise FloatingPointError("poisoned")
-        return token_at(self, seq, position)
-
-    monkeypatch.setattr(MockExecutor, "token_at", poisoned)
+    poison_sampling(monkeypatch, "poisoned")
     config = EngineConfig(engine="mock", speedup_ratio=1e6, num_blocks=64)
     client = EngineClient(config, lambda _events: None, structlog.get_logger("test"))
     finals: dict[str, RequestOutput] = {}
@@ -254,14 +251,7 @@ def test_forward_failure_fails_who_took_its_prefix_in_the_same_step(monkeypatch:
     shared = prompt(2 * BS, 99)
     sharer = {"sharer": ([*shared, *prompt(5, 42)], 6)}
     clean = run(make(), {**REQUESTS, **sharer})
-    execute = MockExecutor.execute
-
-    def poisoned(self: MockExecutor, out: SchedulerOutput, kv: KvCacheManager) -> list[Any]:
-        if any(item.seq.request_id == BAD for item in out.scheduled):
-            raise RuntimeError("poisoned forward")
-        return execute(self, out, kv)
-
-    monkeypatch.setattr(MockExecutor, "execute", poisoned)
+    poison_forward(monkeypatch)
     engine = make()
     final = run(engine, {**with_bad(), **sharer} | {BAD: ([*shared, *prompt(3, 7)], 8)})
     assert final[BAD].finish_reason == "error"
@@ -284,14 +274,7 @@ def test_sampling_failure_keeps_the_prefix_it_computed_for_others(monkeypatch: p
     shared = prompt(2 * BS, 98)
     sharer = {"sharer": ([*shared, *prompt(5, 43)], 6)}
     clean = run(make(), sharer)
-    token_at = MockExecutor.token_at
-
-    def poisoned(self: MockExecutor, seq: Sequence, position: int) -> int:
-        if seq.request_id == BAD:
-            raise FloatingPointError("poisoned sampling")
-        return token_at(self, seq, position)
-
-    monkeypatch.setattr(MockExecutor, "token_at", poisoned)
+    poison_sampling(monkeypatch, "poisoned sampling")
     engine = make()
     final = run(engine, {BAD: ([*shared, *prompt(3, 8)], 8), **sharer})
     assert final[BAD].finish_reason == "error"
